@@ -1,0 +1,227 @@
+"""The terminal shell: parse, call one core function per command, render, map errors to exit codes.
+
+Nothing here decides anything about money; `runtime`, `planner` and `executor` do. Heavy modules are imported
+inside commands so that `--help`, completion and `validate-config` start fast (ccxt alone takes ~0.4 s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import click
+import typer
+
+from .errors import ExitCode, InvalidFileError, RebalanceError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .planner import Plan
+
+app = typer.Typer(
+    name="rebalance",
+    help="Keep portfolios at their target weights on real exchanges, safely and cheaply.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit codes: 0 done, 1 internal error, 2 bad usage/config, 3 unreachable, 4 incomplete, "
+    "5 refused, 10 plan has trades (--detailed-exitcode).",
+)
+
+ConfigOpt = Annotated[
+    Path, typer.Option("--config", "-c", help="Portfolio config (YAML).", dir_okay=True, show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+
+
+def _out() -> Console:
+    from rich.console import Console
+
+    # piped output (cron mail, CI logs) gets room for the full table instead of the 80-column default
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def _err_line(text: str) -> None:
+    """Errors are written plainly, one per line, never wrapped: scripts grep them."""
+    sys.stderr.write(text + "\n")
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+# --- validate-config / config-schema ------------------------------------------------------------
+
+
+@app.command("validate-config", epilog="Example: rebalance validate-config examples/treasury.yaml")
+def validate_config(
+    file: Annotated[Path, typer.Argument(help="Config file to check.", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a config against the schema; list every problem with its line, exit 2 if any."""
+    from .config import load_config
+
+    try:
+        config = load_config(file)
+    except InvalidFileError as exc:
+        if as_json:
+            _print_json([p.as_dict() for p in exc.problems])
+            raise typer.Exit(ExitCode.USAGE) from None
+        raise
+    if as_json:
+        _print_json([])
+    else:
+        _out().print(
+            f"{file}: valid (portfolio {config.portfolio_id}, {len(config.assets)} assets, quote {config.quote})"
+        )
+
+
+@app.command("config-schema", epilog="Example: rebalance config-schema > rebalance.schema.json")
+def config_schema() -> None:
+    """Print the JSON Schema of the config, for editors and linters."""
+    from .config import json_schema
+
+    _print_json(json_schema())
+
+
+# --- plan -------------------------------------------------------------------------------------------
+
+
+@app.command(
+    "plan",
+    epilog="Example: rebalance plan --config examples/treasury.yaml --json",
+)
+def plan_cmd(
+    config: ConfigOpt,
+    snapshot: Annotated[
+        Path | None, typer.Option("--snapshot", help="Plan from a saved snapshot file instead of the exchange.")
+    ] = None,
+    as_json: JsonOpt = False,
+    detailed_exitcode: Annotated[
+        bool, typer.Option("--detailed-exitcode", help="Exit 10 when the plan proposes trades.")
+    ] = False,
+) -> None:
+    """Snapshot balances, prices and books and print the cost-adjusted trade plan. Never trades."""
+    from .runtime import make_plan
+
+    _, plan = make_plan(config, snapshot_path=snapshot)
+    if as_json:
+        _print_json(plan.to_dict())
+    else:
+        render_plan(_out(), plan)
+    if detailed_exitcode and plan.has_trades:
+        raise typer.Exit(ExitCode.PLAN_HAS_TRADES)
+
+
+def render_plan(console: Console, plan: Plan) -> None:
+    from rich.table import Table
+
+    d = plan.to_dict()
+    title = f"Plan for {plan.portfolio_id}: total value {_num(d['total_value'])} {plan.quote}"
+    table = Table(title=title, title_justify="left")
+    for col in ("asset", "target", "current", "drift", "threshold", "drift value", "est. cost"):
+        table.add_column(col, justify="right" if col != "asset" else "left", no_wrap=True)
+    table.add_column("decision", no_wrap=True)
+    table.add_column("reason", ratio=1)
+    for a in d["assets"]:
+        style = "bold green" if a["decision"] == "trade" else "dim"
+        table.add_row(
+            a["symbol"],
+            _pct(a["target_weight"]),
+            _pct(a["current_weight"]),
+            _pct(a["drift"], signed=True),
+            _pct(a["threshold"]),
+            _num(a["drift_value"]),
+            _num(a["est_cost"]),
+            f"[{style}]{a['decision']}[/]",
+            a["reason"],
+        )
+    console.print(table)
+    if d["trades"]:
+        trades = Table(title="Trades, in execution order", title_justify="left")
+        for col in ("#", "side", "market", "amount", "est. price", "notional", "fee", "slippage", "idempotency key"):
+            trades.add_column(
+                col, justify="right" if col not in ("side", "market", "idempotency key") else "left", no_wrap=True
+            )
+        for i, t in enumerate(d["trades"], 1):
+            trades.add_row(
+                str(i),
+                t["side"],
+                t["market"],
+                t["amount"],
+                _num(t["est_price"]),
+                _num(t["notional"]),
+                _num(t["est_fee"]),
+                _num(t["est_slippage"]),
+                t["idempotency_key"],
+            )
+        console.print(trades)
+    else:
+        console.print("No trades: nothing is worth its cost right now.")
+    s = d["summary"]
+    console.print(
+        f"turnover {_num(s['turnover'])} {plan.quote} · est. cost {_num(s['est_total_cost'])} {plan.quote} · "
+        f"drift {_pct(s['drift_before'])} -> {_pct(s['drift_after'])}"
+    )
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def _pct(text: str, *, signed: bool = False) -> str:
+    from decimal import Decimal
+
+    value = Decimal(text) * 100
+    return f"{value:+.2f}%" if signed else f"{value:.2f}%"
+
+
+def _num(text: str) -> str:
+    from decimal import Decimal
+
+    return f"{Decimal(text):,.2f}"
+
+
+# --- entry point --------------------------------------------------------------------------------------
+
+
+def _fail(exc: RebalanceError) -> NoReturn:
+    if isinstance(exc, InvalidFileError):
+        for p in exc.problems:
+            _err_line(p.render())
+        if len(exc.problems) > 1:
+            _err_line(f"{len(exc.problems)} problems")
+    else:
+        _err_line(f"error: {exc}")
+    sys.exit(exc.exit_code)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    try:
+        code = app(args=argv, prog_name="rebalance", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:  # bad usage: unknown flag, missing option, bad value
+        exc.show()
+        sys.exit(ExitCode.USAGE)
+    except RebalanceError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        _err_line("interrupted")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+    except Exception as exc:
+        if os.environ.get("REBALANCE_DEBUG"):
+            raise
+        _err_line(
+            f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; "
+            "REBALANCE_DEBUG=1 shows the traceback)"
+        )
+        sys.exit(ExitCode.INTERNAL)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,77 @@
+"""The exchange protocol: the one surface through which snapshots are read and orders leave.
+
+Two real implementations: `paper` (embedded, fills against a snapshot's books) and `ccxt` (any exchange
+ccxt supports). Both speak in Decimals and the project's own errors, so the executor cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol
+
+from ..config import Config
+from ..planner import PlannerState
+from ..snapshot import Snapshot
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class FillInfo:
+    """One execution of an order, as the exchange reported it."""
+
+    trade_id: str
+    amount: Decimal
+    price: Decimal
+    fee: Decimal
+    fee_currency: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OrderResult:
+    """An order as the exchange knows it; `fills` may be empty when the exchange does not list them."""
+
+    client_order_id: str
+    exchange_order_id: str | None
+    market: str
+    side: str
+    status: str  # open | closed | canceled | rejected | expired
+    amount: Decimal
+    filled: Decimal
+    average: Decimal | None
+    cost: Decimal  # quote value of what filled
+    fees: Mapping[str, Decimal] = field(default_factory=dict)
+    fills: tuple[FillInfo, ...] = ()
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in ("closed", "canceled", "rejected", "expired")
+
+
+class Exchange(Protocol):
+    id: str
+    calls: Counter[str]  # API calls by endpoint, for telemetry and benchmarks
+
+    def fetch_snapshot(self, config: Config, state: PlannerState | None = None) -> Snapshot:
+        """One consistent picture for the portfolio: balances, top of book for all its markets, full books
+        only where the planner's cheap screen says a trade is possible."""
+        ...
+
+    def fetch_balances(self) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+        """(free, locked) per asset."""
+        ...
+
+    def create_market_order(self, market: str, side: str, amount: Decimal, client_order_id: str) -> OrderResult: ...
+
+    def fetch_order(self, market: str, client_order_id: str) -> OrderResult | None:
+        """The order with this client order id, or None when the exchange does not know it."""
+        ...
+
+    def cancel_order(self, market: str, client_order_id: str) -> None: ...
+
+    def close(self) -> None: ...

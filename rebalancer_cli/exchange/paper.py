@@ -1,0 +1,221 @@
+"""The embedded paper exchange: markets and books from a snapshot file, balances and orders kept in SQLite.
+
+It answers exactly like a real exchange would for the calls the executor makes (client order ids are unique,
+duplicates are refused, an order can be looked up after a crash), so the quick start exercises the same
+execution path as production, with no server and no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+from ..config import Config
+from ..costs import walk_book
+from ..errors import (
+    BadSymbolError,
+    InsufficientFundsError,
+    InvalidOrderError,
+    OrderAlreadyPlacedError,
+    OrderNotFoundError,
+    StoreError,
+)
+from ..planner import PlannerState
+from ..snapshot import Snapshot, load_snapshot
+from .base import FillInfo, OrderResult
+
+ZERO = Decimal(0)
+
+_SCHEMA = """
+create table if not exists accounts (account text primary key, fingerprint text not null);
+create table if not exists balances (account text, asset text, free text not null, primary key (account, asset));
+create table if not exists orders (
+    account text, client_order_id text, order_id integer not null, market text not null, side text not null,
+    amount text not null, filled text not null, cost text not null, fee text not null, fee_currency text not null,
+    status text not null, created_at text not null, primary key (account, client_order_id));
+"""
+
+
+class PaperExchange:
+    id = "paper"
+
+    def __init__(self, snapshot_path: Path, state_dir: Path, account: str, *, now: datetime | None = None) -> None:
+        self._book = load_snapshot(snapshot_path)
+        self._account = account
+        self._now = now
+        self.calls: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = sqlite3.connect(
+                state_dir / "paper.sqlite3", timeout=30, isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("pragma journal_mode=wal")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"paper exchange state in {state_dir} is unusable: {exc}") from None
+        self._open_account()
+
+    # -- state ---------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("begin immediate")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("rollback")
+                raise
+            self._db.execute("commit")
+
+    def _open_account(self) -> None:
+        """The snapshot's balances open the account; editing them in the file starts the account afresh."""
+        opening = sorted((k, str(v)) for k, v in self._book.balances.items())
+        fingerprint = hashlib.sha256(repr(opening).encode()).hexdigest()
+        with self._tx() as db:
+            row = db.execute("select fingerprint from accounts where account=?", (self._account,)).fetchone()
+            if row and row[0] == fingerprint:
+                return
+            db.execute("delete from balances where account=?", (self._account,))
+            db.execute("delete from orders where account=?", (self._account,))
+            db.execute("insert or replace into accounts values (?, ?)", (self._account, fingerprint))
+            db.executemany("insert into balances values (?, ?, ?)", [(self._account, k, v) for k, v in opening])
+
+    def _balance(self, db: sqlite3.Connection, asset: str) -> Decimal:
+        row = db.execute("select free from balances where account=? and asset=?", (self._account, asset)).fetchone()
+        return Decimal(row[0]) if row else ZERO
+
+    def _add(self, db: sqlite3.Connection, asset: str, delta: Decimal) -> None:
+        new = self._balance(db, asset) + delta
+        db.execute("insert or replace into balances values (?, ?, ?)", (self._account, asset, str(new)))
+
+    # -- protocol ------------------------------------------------------------------------------------
+
+    def fetch_balances(self) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
+        self.calls["balance"] += 1
+        rows = self._db.execute("select asset, free from balances where account=?", (self._account,)).fetchall()
+        return {a: Decimal(v) for a, v in rows}, {}
+
+    def fetch_snapshot(self, config: Config, state: PlannerState | None = None) -> Snapshot:
+        free, locked = self.fetch_balances()
+        self.calls["books"] += 1
+        return Snapshot(
+            taken_at=self._now or datetime.now(UTC),
+            balances=free,
+            markets=dict(self._book.markets),
+            locked=locked,
+            source=f"paper:{self._book.source}",
+        )
+
+    def create_market_order(self, market: str, side: str, amount: Decimal, client_order_id: str) -> OrderResult:
+        self.calls["create_order"] += 1
+        m = self._book.markets.get(market)
+        if m is None:
+            raise BadSymbolError(f"paper exchange has no market {market}")
+        if side not in ("buy", "sell"):
+            raise InvalidOrderError(f"side must be buy or sell, not {side}")
+        if amount <= 0 or amount % m.amount_step != 0:
+            raise InvalidOrderError(f"{market}: amount {amount} is not a positive multiple of the lot {m.amount_step}")
+        with self._tx() as db:
+            if db.execute(
+                "select 1 from orders where account=? and client_order_id=?", (self._account, client_order_id)
+            ).fetchone():
+                raise OrderAlreadyPlacedError(f"order {client_order_id} was already placed")
+            walk = walk_book(m.asks if side == "buy" else m.bids, amount)
+            if walk.notional < m.min_notional:
+                raise InvalidOrderError(f"{market}: notional {walk.notional} below the minimum {m.min_notional}")
+            if side == "buy":
+                if self._balance(db, m.quote) < walk.notional:
+                    raise InsufficientFundsError(f"paper account has not {walk.notional} {m.quote} free")
+                fee, fee_ccy = walk.filled * m.taker_fee, m.base
+                self._add(db, m.quote, -walk.notional)
+                self._add(db, m.base, walk.filled - fee)
+            else:
+                if self._balance(db, m.base) < walk.filled:
+                    raise InsufficientFundsError(f"paper account has not {walk.filled} {m.base} free")
+                fee, fee_ccy = walk.notional * m.taker_fee, m.quote
+                self._add(db, m.base, -walk.filled)
+                self._add(db, m.quote, walk.notional - fee)
+            order_id = db.execute("select coalesce(max(order_id), 0) + 1 from orders").fetchone()[0]
+            status = "closed" if not walk.capped else "expired"
+            now = (self._now or datetime.now(UTC)).isoformat()
+            db.execute(
+                "insert into orders values (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    self._account,
+                    client_order_id,
+                    order_id,
+                    market,
+                    side,
+                    str(amount),
+                    str(walk.filled),
+                    str(walk.notional),
+                    str(fee),
+                    fee_ccy,
+                    status,
+                    now,
+                ),
+            )
+        result = self._order(client_order_id)
+        assert result is not None
+        return result
+
+    def _order(self, client_order_id: str) -> OrderResult | None:
+        row = self._db.execute(
+            "select order_id, market, side, amount, filled, cost, fee, fee_currency, status, created_at "
+            "from orders where account=? and client_order_id=?",
+            (self._account, client_order_id),
+        ).fetchone()
+        if row is None:
+            return None
+        order_id, market, side, amount, filled, cost, fee, fee_ccy, status, created = row
+        filled_d, cost_d = Decimal(filled), Decimal(cost)
+        fills = (
+            (
+                FillInfo(
+                    f"{order_id}-1",
+                    filled_d,
+                    cost_d / filled_d,
+                    Decimal(fee),
+                    fee_ccy,
+                    datetime.fromisoformat(created),
+                ),
+            )
+            if filled_d
+            else ()
+        )
+        return OrderResult(
+            client_order_id=client_order_id,
+            exchange_order_id=str(order_id),
+            market=market,
+            side=side,
+            status=status,
+            amount=Decimal(amount),
+            filled=filled_d,
+            average=cost_d / filled_d if filled_d else None,
+            cost=cost_d,
+            fees={fee_ccy: Decimal(fee)},
+            fills=fills,
+        )
+
+    def fetch_order(self, market: str, client_order_id: str) -> OrderResult | None:
+        self.calls["fetch_order"] += 1
+        return self._order(client_order_id)
+
+    def cancel_order(self, market: str, client_order_id: str) -> None:
+        self.calls["cancel_order"] += 1
+        order = self._order(client_order_id)
+        if order is None:
+            raise OrderNotFoundError(f"paper exchange does not know order {client_order_id}")
+        # market orders fill at once on paper: nothing is ever left open to cancel
+
+    def close(self) -> None:
+        self._db.close()
