@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import click
 import typer
 
 from .errors import ExitCode, InvalidFileError, RebalanceError
@@ -202,12 +201,16 @@ def _fail(exc: RebalanceError) -> NoReturn:
 def main(argv: list[str] | None = None) -> NoReturn:
     try:
         code = app(args=argv, prog_name="rebalance", standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         sys.exit(130)
-    except click.ClickException as exc:  # bad usage: unknown flag, missing option, bad value
-        exc.show()
+    except typer.TyperException as exc:  # bad usage: unknown flag, missing option, bad value
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            _err_line(f"error: {exc}")
         sys.exit(ExitCode.USAGE)
     except RebalanceError as exc:
         _fail(exc)

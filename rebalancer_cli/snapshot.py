@@ -48,10 +48,11 @@ class Market:
     asks: tuple[Level, ...]
     volatility: Decimal | None = None
     fee_source: str = "snapshot"
+    mid: Decimal = field(init=False, compare=False)
 
-    @property
-    def mid(self) -> Decimal:
-        return (self.bids[0][0] + self.asks[0][0]) / 2
+    def __post_init__(self) -> None:
+        # read on every planning step of every asset; computed once
+        object.__setattr__(self, "mid", (self.bids[0][0] + self.asks[0][0]) / 2)
 
 
 @dataclass(frozen=True, slots=True)
