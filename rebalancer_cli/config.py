@@ -152,6 +152,11 @@ class ExchangeConfig(BaseModel):
         None, description="Fallback taker fee when the account does not report one (fraction of notional)"
     )
     timeout: Duration = Field(Decimal(10), description="Timeout of one exchange request (e.g. 10s)")
+    rate_limit_per_minute: Positive | None = Field(
+        None,
+        description="Request budget per minute in ccxt cost units (default: from ccxt's rateLimit); "
+        "the tool uses 80% of it",
+    )
     max_snapshot_skew: Duration = Field(
         Decimal(5), description="Refuse a snapshot whose parts were read further apart than this"
     )

@@ -1,0 +1,1 @@
+"""The exchange boundary: protocol, implementations, rate limiting, retries and the circuit breaker."""
