@@ -71,6 +71,10 @@ class SnapshotError(InvalidFileError):
     """The snapshot file is invalid."""
 
 
+class PricesError(InvalidFileError):
+    """The prices file of a backtest is invalid."""
+
+
 class PlanningError(InputError):
     """Config and snapshot do not fit together (a missing market, a portfolio worth nothing)."""
 

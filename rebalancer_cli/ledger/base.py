@@ -1,0 +1,184 @@
+"""The shadow ledger contract, shared by every backend.
+
+The ledger exists so that two orders (from two threads, processes or daemon instances) can never spend the
+same funds: funds are locked atomically before an order leaves, committed when the exchange acknowledges a
+fill and released when the order fails. Backends differ in where the state lives, never in behaviour; the
+contract test suite runs the same assertions against each of them.
+"""
+
+from __future__ import annotations
+
+import decimal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Protocol, runtime_checkable
+
+# Fencing tokens must fit a signed 64-bit integer: SQLite stores them as INTEGER, Redis compares them exactly.
+MAX_FENCE = 2**63 - 1
+
+# Big enough for any real amount (1e15 with 18 decimals needs 34 digits, above Decimal's default 28), and
+# trapping Inexact turns a silent rounding of money into a loud error instead.
+EXACT = decimal.Context(
+    prec=1000,
+    Emax=decimal.MAX_EMAX,
+    Emin=decimal.MIN_EMIN,
+    traps=[decimal.Inexact, decimal.InvalidOperation, decimal.Overflow, decimal.DivisionByZero],
+)
+
+
+@dataclass(frozen=True)
+class Lock:
+    """Funds set aside for one order until it is committed, released, or `expires_at` (unix seconds)."""
+
+    key: str
+    asset: str
+    amount: Decimal
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Halt:
+    """The kill switch of a portfolio: who pulled it, when, and why (shown to every instance)."""
+
+    reason: str
+    by: str
+    at: datetime
+
+
+@runtime_checkable
+class ShadowLedger(Protocol):
+    """Holdings, locks and the cross-instance state of portfolios (fence, kill switch, planner memory)."""
+
+    def sync_balances(self, portfolio_id: str, balances: Mapping[str, Decimal], *, fence: int | None = None) -> None:
+        """Replace holdings with the exchange's truth; locks stay, since their orders are still in flight."""
+        ...
+
+    def balances(self, portfolio_id: str) -> dict[str, Decimal]: ...
+
+    def available(self, portfolio_id: str, asset: str) -> Decimal:
+        """Holdings minus live locks: what a new order may still spend."""
+        ...
+
+    def lock(
+        self,
+        portfolio_id: str,
+        key: str,
+        asset: str,
+        amount: Decimal,
+        *,
+        ttl_seconds: float,
+        fence: int | None = None,
+    ) -> bool:
+        """Atomically set `amount` aside under `key`; True if granted or already granted/committed."""
+        ...
+
+    def commit(
+        self,
+        portfolio_id: str,
+        key: str,
+        *,
+        debit: Mapping[str, Decimal],
+        credit: Mapping[str, Decimal],
+        fence: int | None = None,
+    ) -> bool:
+        """Apply a fill and drop its lock; False when `key` was committed before (nothing changes)."""
+        ...
+
+    def release(self, portfolio_id: str, key: str, *, fence: int | None = None) -> None: ...
+
+    def locks(self, portfolio_id: str) -> list[Lock]: ...
+
+    def is_committed(self, portfolio_id: str, key: str) -> bool: ...
+
+    def advance_fence(self, portfolio_id: str, token: int) -> None:
+        """Announce the lease holder's token; writes carrying an older one raise LeaseLostError from now."""
+        ...
+
+    def halt(self, portfolio_id: str, reason: str, by: str) -> None: ...
+
+    def resume(self, portfolio_id: str) -> None: ...
+
+    def halted(self, portfolio_id: str) -> Halt | None: ...
+
+    def get_memory(self, portfolio_id: str) -> str | None: ...
+
+    def set_memory(self, portfolio_id: str, value: str, *, fence: int | None = None) -> None: ...
+
+    def ping(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --- argument checks shared by the backends, so that both refuse exactly the same inputs ---------------
+
+
+def amount_text(value: Decimal, what: str = "amount") -> str:
+    """Canonical text of an exact amount: what both backends store, so equal amounts are equal strings.
+
+    Floats are refused: a binary float is never the amount the exchange reported.
+    """
+    if isinstance(value, bool) or not isinstance(value, (Decimal, int)):
+        raise TypeError(f"{what} must be a Decimal, not {type(value).__name__}")
+    d = Decimal(value)
+    if not d.is_finite():
+        raise ValueError(f"{what} must be finite, got {d}")
+    text = format(d, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    if text in ("-0", ""):
+        text = "0"
+    return text
+
+
+def check_portfolio(portfolio_id: str) -> None:
+    if not isinstance(portfolio_id, str) or not portfolio_id:
+        raise ValueError("portfolio_id must be a non-empty string")
+
+
+def check_name(value: str, what: str) -> None:
+    """Asset names and keys are stored in line-separated records, hence no control characters."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    if any(ord(c) < 32 for c in value):
+        raise ValueError(f"{what} must not contain control characters: {value!r}")
+
+
+def check_fence(fence: int | None) -> None:
+    if fence is None:
+        return
+    if isinstance(fence, bool) or not isinstance(fence, int) or not 0 <= fence <= MAX_FENCE:
+        raise ValueError(f"fencing token must be an integer in 0..{MAX_FENCE}, got {fence!r}")
+
+
+# A lock outliving this is a bug in the caller, and bounding it keeps expiry times exact in every backend.
+MAX_TTL_SECONDS = 365 * 24 * 3600.0
+
+
+def check_ttl(ttl_seconds: float) -> None:
+    if (
+        isinstance(ttl_seconds, bool)
+        or not isinstance(ttl_seconds, (int, float))
+        or not 0 < ttl_seconds <= MAX_TTL_SECONDS
+    ):
+        raise ValueError(f"ttl_seconds must be in (0, {MAX_TTL_SECONDS:.0f}], got {ttl_seconds!r}")
+
+
+def lock_amount_text(amount: Decimal) -> str:
+    text = amount_text(amount)
+    if Decimal(text) <= 0:
+        raise ValueError(f"lock amount must be positive, got {amount}")
+    return text
+
+
+def movements(side: str, values: Mapping[str, Decimal]) -> list[tuple[str, str]]:
+    """Validated (asset, canonical amount) pairs of one side of a fill; fills never move negative amounts."""
+    out: list[tuple[str, str]] = []
+    for asset, amount in values.items():
+        check_name(asset, "asset")
+        text = amount_text(amount, f"{side}[{asset}]")
+        if text.startswith("-"):
+            raise ValueError(f"{side}[{asset}] must not be negative, got {amount}")
+        out.append((asset, text))
+    return out
