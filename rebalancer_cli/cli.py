@@ -184,6 +184,204 @@ def _num(text: str) -> str:
     return f"{Decimal(text):,.2f}"
 
 
+# --- execute, kill switch, history, stores ---------------------------------------------------------------
+
+
+@app.command(
+    "execute",
+    epilog="Example: rebalance execute --config examples/treasury.yaml --confirm",
+)
+def execute_cmd(
+    config: ConfigOpt,
+    confirm: Annotated[bool, typer.Option("--confirm", help="Actually send the orders.")] = False,
+    plan_file: Annotated[
+        Path | None, typer.Option("--plan", help="Execute this saved plan (from `plan --json`) if still valid.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Execute the cost-adjusted plan through the shadow ledger, idempotency keys and the audit trail."""
+    from .runtime import execute
+
+    if not confirm:
+        report = execute(config, saved_plan=plan_file, plan_only=True)
+        assert report.plan is not None
+        if as_json:
+            _print_json(report.plan.to_dict())
+        else:
+            render_plan(_out(), report.plan)
+        _err_line("nothing was sent: add --confirm to execute this plan")
+        raise typer.Exit(ExitCode.USAGE)
+    listener, finish = _live_view(enabled=not as_json)
+    try:
+        report = execute(config, saved_plan=plan_file, listener=listener)
+    finally:
+        finish()
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        render_report(_out(), report)
+    raise typer.Exit(report.exit_code)
+
+
+def _live_view(*, enabled: bool) -> tuple[Any, Any]:
+    """A live table of orders on a terminal; plain progress lines on stderr otherwise."""
+    from .executor import OrderOutcome
+
+    rows: dict[str, OrderOutcome] = {}
+    if not enabled:
+        return None, lambda: None
+    if not sys.stderr.isatty():
+
+        def line(o: OrderOutcome) -> None:
+            _err_line(f"{o.side} {o.amount} {o.market}: {o.status}{' (' + o.reason + ')' if o.reason else ''}")
+
+        return line, lambda: None
+    from rich.live import Live
+    from rich.table import Table
+
+    def table() -> Table:
+        t = Table(title="Orders")
+        for col in ("market", "side", "amount", "status", "filled", "avg price"):
+            t.add_column(col)
+        for o in rows.values():
+            t.add_row(
+                o.market, o.side, str(o.amount), o.status, str(o.filled), f"{o.avg_price:,.2f}" if o.avg_price else ""
+            )
+        return t
+
+    live = Live(table(), console=_errc(), refresh_per_second=8, transient=True)
+    live.start()
+
+    def update(o: OrderOutcome) -> None:
+        rows[o.key] = o
+        live.update(table())
+
+    return update, live.stop
+
+
+def _errc() -> Console:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def render_report(console: Console, report: Any) -> None:
+    from rich.table import Table
+
+    d = report.to_dict()
+    for title, orders in (("Recovered from an earlier run", d["recovered"]), ("Orders", d["orders"])):
+        if not orders:
+            continue
+        t = Table(title=title, title_justify="left")
+        for col in ("side", "market", "amount", "status", "filled", "avg price", "fees", "reason"):
+            t.add_column(col, no_wrap=col != "reason")
+        for o in orders:
+            fees = ", ".join(f"{v} {k}" for k, v in o["fees"].items())
+            t.add_row(
+                o["side"],
+                o["market"],
+                o["amount"],
+                o["status"],
+                o["filled"],
+                _num(o["avg_price"]) if o["avg_price"] else "",
+                fees,
+                o["reason"],
+            )
+        console.print(t)
+    if not d["orders"]:
+        console.print("No trades: nothing is worth its cost right now.")
+    before, after = d["drift_before"], d["drift_after"]
+    console.print(f"status {d['status']} · drift {_pct(before) if before else '?'} -> {_pct(after) if after else '?'}")
+    for note in d["notes"]:
+        console.print(f"[yellow]note:[/] {note}")
+
+
+@app.command("halt", epilog='Example: rebalance halt --config examples/treasury.yaml --reason "exchange incident"')
+def halt_cmd(
+    config: ConfigOpt,
+    reason: Annotated[str, typer.Option("--reason", help="Why; shown to everyone who tries to trade.")],
+) -> None:
+    """Pull the kill switch: execute and the daemon send nothing for this portfolio until `resume`."""
+    from .runtime import halt
+
+    h = halt(config, reason)
+    _out().print(f"halted by {h.by} at {h.at:%Y-%m-%d %H:%M:%S}Z: {h.reason}")
+
+
+@app.command("resume", epilog="Example: rebalance resume --config examples/treasury.yaml")
+def resume_cmd(config: ConfigOpt) -> None:
+    """Lift the kill switch."""
+    from .runtime import resume
+
+    previous = resume(config)
+    _out().print(f"resumed (was halted by {previous.by}: {previous.reason})" if previous else "was not halted")
+
+
+@app.command("history", epilog="Example: rebalance history --config examples/treasury.yaml --limit 5")
+def history_cmd(
+    config: ConfigOpt,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=10000, help="How many executions.")] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recent executions from the audit trail, with cost and drift before and after."""
+    from .runtime import history
+
+    records = history(config, limit)
+    if as_json:
+        _print_json(
+            [
+                {
+                    "plan_id": r.plan_id,
+                    "created_at": r.created_at.isoformat(),
+                    "status": r.status,
+                    "orders": r.orders,
+                    "filled_orders": r.filled_orders,
+                    "turnover": format(r.turnover, "f"),
+                    "fees": {k: format(v, "f") for k, v in r.fees.items()},
+                    "drift_before": format(r.drift_before, "f") if r.drift_before is not None else None,
+                    "drift_after": format(r.drift_after, "f") if r.drift_after is not None else None,
+                }
+                for r in records
+            ]
+        )
+        return
+    from rich.table import Table
+
+    t = Table(title="Executions, newest first", title_justify="left")
+    for col in ("time", "status", "orders", "filled", "turnover", "fees", "drift before", "drift after"):
+        t.add_column(col)
+    for r in records:
+        t.add_row(
+            f"{r.created_at:%Y-%m-%d %H:%M:%S}",
+            r.status,
+            str(r.orders),
+            str(r.filled_orders),
+            f"{r.turnover:,.2f}",
+            ", ".join(f"{v:.8f} {k}" for k, v in r.fees.items()),
+            _pct(str(r.drift_before)) if r.drift_before is not None else "",
+            _pct(str(r.drift_after)) if r.drift_after is not None else "",
+        )
+    _out().print(t)
+
+
+db_app = typer.Typer(help="Audit store administration.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("migrate", epilog="Example: rebalance db migrate --config examples/treasury.yaml")
+def db_migrate_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Portfolio config naming the store.")] = None,
+    database_url: Annotated[
+        str | None, typer.Option("--database-url", help="Audit store URL (default: the config's, else embedded).")
+    ] = None,
+) -> None:
+    """Apply pending schema migrations to the audit store (idempotent; safe when run concurrently)."""
+    from .runtime import migrate
+
+    applied = migrate(config, database_url)
+    _out().print(f"applied {', '.join(applied)}" if applied else "audit store already at the current schema")
+
+
 # --- entry point --------------------------------------------------------------------------------------
 
 

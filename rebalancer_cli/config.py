@@ -249,13 +249,7 @@ class Config(BaseModel):
         return next((a for a in self.assets if a.symbol == symbol), None)
 
     def resolved_state_dir(self) -> Path:
-        if self.state_dir:
-            return self._relative(self.state_dir)
-        env = os.environ.get("REBALANCE_STATE_DIR")
-        if env:
-            return Path(env)
-        xdg = os.environ.get("XDG_STATE_HOME")
-        return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "rebalance"
+        return self._relative(self.state_dir) if self.state_dir else default_state_dir()
 
     def snapshot_path(self) -> Path | None:
         return self._relative(self.exchange.snapshot) if self.exchange.snapshot else None
@@ -265,6 +259,15 @@ class Config(BaseModel):
         if not path.is_absolute() and self.source:
             path = Path(self.source).parent / path
         return path
+
+
+def default_state_dir() -> Path:
+    """$REBALANCE_STATE_DIR, else $XDG_STATE_HOME/rebalance, else ~/.local/state/rebalance."""
+    env = os.environ.get("REBALANCE_STATE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".local" / "state") / "rebalance"
 
 
 def _cross_checks(doc: yamlfile.Located) -> list[Problem]:

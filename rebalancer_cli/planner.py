@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from .config import Config, RebalanceTo
 from .costs import CostEstimate, CostModel
-from .errors import PlanningError
+from .errors import InputError, PlanningError
 from .ids import KeyFactory, new_key
 from .snapshot import Market, Snapshot
 
@@ -280,6 +280,67 @@ class Plan:
             "policy": self.policy,
             "notes": list(self.notes),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """A plan saved with `plan --json`, for `execute --plan`; raises InputError when it is not one."""
+        try:
+            assets = tuple(
+                AssetLine(
+                    symbol=a["symbol"],
+                    target_weight=Decimal(a["target_weight"]),
+                    current_weight=Decimal(a["current_weight"]),
+                    drift=Decimal(a["drift"]),
+                    threshold=Decimal(a["threshold"]),
+                    drift_value=Decimal(a["drift_value"]),
+                    est_cost=Decimal(a["est_cost"]),
+                    decision=a["decision"],
+                    reason=a["reason"],
+                    mid=Decimal(a["mid"]),
+                )
+                for a in data["assets"]
+            )
+            trades = tuple(
+                Trade(
+                    symbol=t["symbol"],
+                    market=t["market"],
+                    side=t["side"],
+                    amount=Decimal(t["amount"]),
+                    est_price=Decimal(t["est_price"]),
+                    notional=Decimal(t["notional"]),
+                    est_fee=Decimal(t["est_fee"]),
+                    est_slippage=Decimal(t["est_slippage"]),
+                    idempotency_key=t["idempotency_key"],
+                )
+                for t in data["trades"]
+            )
+            s = data["summary"]
+            taken_at = datetime.fromisoformat(str(data["taken_at"]).replace("Z", "+00:00"))
+            plan = cls(
+                plan_id=str(data["plan_id"]),
+                portfolio_id=str(data["portfolio_id"]),
+                quote=str(data["quote"]),
+                taken_at=taken_at,
+                total_value=Decimal(data["total_value"]),
+                assets=assets,
+                trades=trades,
+                summary=Summary(
+                    Decimal(s["turnover"]),
+                    Decimal(s["est_total_cost"]),
+                    Decimal(s["drift_before"]),
+                    Decimal(s["drift_after"]),
+                ),
+                policy=str(data.get("policy", "")),
+                notes=tuple(data.get("notes", ())),
+            )
+        except (KeyError, TypeError, ValueError, ArithmeticError, IndexError) as exc:
+            raise InputError(f"not a plan saved by `rebalance plan --json`: {type(exc).__name__}: {exc}") from None
+        for t in plan.trades:
+            if t.side not in ("buy", "sell") or t.amount <= 0:
+                raise InputError(f"saved plan has an invalid trade: {t.side} {t.amount} {t.market}")
+        if taken_at.tzinfo is None:
+            raise InputError("saved plan's taken_at has no timezone")
+        return plan
 
 
 _RATIO = Decimal("1e-8")

@@ -11,14 +11,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Config, load_config
+from .config import Config, default_state_dir, load_config
 from .errors import RefusedError
 from .planner import Plan, PlannerState, plan
 from .snapshot import Snapshot, load_snapshot
 
 if TYPE_CHECKING:
+    from .audit.base import AuditStore, ExecutionRecord
     from .exchange.base import Exchange
-    from .ledger.base import ShadowLedger
+    from .executor import ExecutionReport, Listener
+    from .ledger.base import Halt, ShadowLedger
 
 
 def open_exchange(config: Config) -> Exchange:
@@ -82,3 +84,124 @@ def make_plan(
     state = load_planner_state(config)
     snapshot = load_snapshot(snapshot_path) if snapshot_path is not None else take_snapshot(config, state)
     return config, plan(config, snapshot, state, now=now)
+
+
+# --- execution and the stores ----------------------------------------------------------------------
+
+
+def open_audit_for(config: Config) -> AuditStore:
+    """The audit store of a config; a shared PostgreSQL store must already be at the current schema."""
+    from .audit import open_audit
+
+    store = open_audit(config.database_url, config.resolved_state_dir())
+    try:
+        store.check()
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
+def operator() -> str:
+    """Who is acting, for the kill switch and the audit trail: user@host."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def execute(
+    config_path: Path,
+    *,
+    saved_plan: Path | None = None,
+    listener: Listener | None = None,
+    plan_only: bool = False,
+) -> ExecutionReport:
+    """`rebalance execute`: recover, snapshot, plan (or check a saved plan), execute, record."""
+    from .executor import Executor
+
+    config = load_config(config_path)
+    plan_obj = load_saved_plan(saved_plan) if saved_plan is not None else None
+    ledger = open_ledger_for(config)
+    try:
+        audit = open_audit_for(config)
+        try:
+            exchange = open_exchange(config)
+            try:
+                executor = Executor(config, exchange, ledger, audit, listener=listener)
+                return executor.run(saved_plan=plan_obj, plan_only=plan_only)
+            finally:
+                exchange.close()
+        finally:
+            audit.close()
+    finally:
+        ledger.close()
+
+
+def load_saved_plan(path: Path) -> Plan:
+    import json
+
+    from .errors import InputError
+    from .yamlfile import read_text
+
+    text = read_text(path, kind="plan", max_bytes=10_000_000)
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"{path}: not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a saved plan is a JSON object, as printed by `rebalance plan --json`")
+    return Plan.from_dict(data)
+
+
+def halt(config_path: Path, reason: str, by: str | None = None) -> Halt:
+    config = load_config(config_path)
+    ledger = open_ledger_for(config)
+    try:
+        ledger.halt(config.portfolio_id, reason, by or operator())
+        halted = ledger.halted(config.portfolio_id)
+        assert halted is not None
+        return halted
+    finally:
+        ledger.close()
+
+
+def resume(config_path: Path) -> Halt | None:
+    """Lift the kill switch; returns the halt that was lifted (None when it was not set)."""
+    config = load_config(config_path)
+    ledger = open_ledger_for(config)
+    try:
+        previous = ledger.halted(config.portfolio_id)
+        ledger.resume(config.portfolio_id)
+        return previous
+    finally:
+        ledger.close()
+
+
+def history(config_path: Path, limit: int = 20) -> list[ExecutionRecord]:
+    config = load_config(config_path)
+    audit = open_audit_for(config)
+    try:
+        return audit.history(config.portfolio_id, limit)
+    finally:
+        audit.close()
+
+
+def migrate(config_path: Path | None = None, database_url: str | None = None) -> list[str]:
+    """`rebalance db migrate`: bring the audit store to the current schema (idempotent)."""
+    from .audit import open_audit
+
+    if config_path is not None:
+        config = load_config(config_path)
+        url, state_dir = database_url or config.database_url, config.resolved_state_dir()
+    else:
+        url, state_dir = database_url, default_state_dir()
+    store = open_audit(url, state_dir)
+    try:
+        return store.migrate()
+    finally:
+        store.close()

@@ -55,6 +55,7 @@ class OrderResult:
 
 class Exchange(Protocol):
     id: str
+    settle_window: float  # seconds after which an order the exchange does not know can no longer appear
     calls: Counter[str]  # API calls by endpoint, for telemetry and benchmarks
 
     def fetch_snapshot(self, config: Config, state: PlannerState | None = None) -> Snapshot:

@@ -45,6 +45,7 @@ create table if not exists orders (
 
 class PaperExchange:
     id = "paper"
+    settle_window = 0.0  # orders are local transactions: never in flight after a crash
 
     def __init__(self, snapshot_path: Path, state_dir: Path, account: str, *, now: datetime | None = None) -> None:
         self._book = load_snapshot(snapshot_path)

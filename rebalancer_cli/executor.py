@@ -1,0 +1,550 @@
+"""The one execution path: `execute` and the daemon both run a cycle through `Executor.run`.
+
+Per trade, in plan order (sells first, so buys are sized against the quote they really freed):
+guards -> intent in the audit store -> lock in the shadow ledger -> order with the idempotency key as client
+order id -> fills into audit and ledger, lock committed. A refusal releases the lock; an unknown outcome
+(timeout, dropped connection) is resolved by looking the order up by its client order id, and the order is
+re-sent under the same id only when the exchange does not know it. A crash at any point leaves an intent in
+the audit store; the next run settles it from the exchange before planning anew. Nothing executes twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from . import failpoints
+from .audit.base import AuditStore, Fill, OrderIntent, OrderRecord, OrderStatus
+from .config import Config
+from .costs import CostModel
+from .errors import (
+    CircuitOpenError,
+    ExchangeError,
+    ExitCode,
+    HaltedError,
+    NonRetryableExchangeError,
+    OrderAlreadyPlacedError,
+    RefusedError,
+    RetryableExchangeError,
+)
+from .exchange.base import Exchange, OrderResult
+from .ledger.base import ShadowLedger
+from .planner import Plan, PlannerState, Trade, round_down
+from .planner import plan as make_plan
+from .snapshot import Snapshot
+
+ZERO = Decimal(0)
+LOCK_TTL_SECONDS = 600.0
+MAX_SENDS = 3
+# a buy locks its estimated spend plus this much, for the price to move between plan and fill
+BUY_LOCK_BUFFER = Decimal("0.02")
+
+Listener = Callable[["OrderOutcome"], None]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class OrderOutcome:
+    """What happened to one trade; `status` is pending/locked/sent/filled/partial/rejected/refused/
+    skipped/unknown, in the order a live view shows them."""
+
+    key: str
+    symbol: str
+    market: str
+    side: str
+    amount: Decimal
+    status: str = "pending"
+    filled: Decimal = ZERO
+    avg_price: Decimal | None = None
+    cost: Decimal = ZERO
+    fees: dict[str, Decimal] = field(default_factory=dict)
+    reason: str = ""
+    est_price: Decimal | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "idempotency_key": self.key,
+            "symbol": self.symbol,
+            "market": self.market,
+            "side": self.side,
+            "amount": format(self.amount, "f"),
+            "status": self.status,
+            "filled": format(self.filled, "f"),
+            "avg_price": format(self.avg_price, "f") if self.avg_price is not None else None,
+            "cost": format(self.cost, "f"),
+            "fees": {k: format(v, "f") for k, v in self.fees.items()},
+            "reason": self.reason,
+        }
+
+
+FAILED = frozenset({"rejected", "unknown", "failed"})
+
+
+@dataclass
+class ExecutionReport:
+    portfolio_id: str
+    plan: Plan | None
+    outcomes: list[OrderOutcome]
+    recovered: list[OrderOutcome]
+    drift_before: Decimal | None
+    drift_after: Decimal | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        if any(o.status in FAILED for o in self.outcomes + self.recovered):
+            return "incomplete"
+        if any(o.status == "refused" for o in self.outcomes):
+            return "refused"
+        return "done"
+
+    @property
+    def exit_code(self) -> int:
+        return {"done": ExitCode.OK, "incomplete": ExitCode.INCOMPLETE, "refused": ExitCode.REFUSED}[self.status]
+
+    def to_dict(self) -> dict[str, Any]:
+        def q(d: Decimal | None) -> str | None:
+            return format(d.quantize(Decimal("1e-8"), rounding=ROUND_HALF_EVEN), "f") if d is not None else None
+
+        return {
+            "portfolio_id": self.portfolio_id,
+            "plan_id": self.plan.plan_id if self.plan else None,
+            "status": self.status,
+            "orders": [o.to_dict() for o in self.outcomes],
+            "recovered": [o.to_dict() for o in self.recovered],
+            "drift_before": q(self.drift_before),
+            "drift_after": q(self.drift_after),
+            "notes": self.notes,
+        }
+
+
+class Executor:
+    def __init__(
+        self,
+        config: Config,
+        exchange: Exchange,
+        ledger: ShadowLedger,
+        audit: AuditStore,
+        *,
+        fence: int | None = None,
+        listener: Listener | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        lock_ttl: float = LOCK_TTL_SECONDS,
+        settle_window: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.config = config
+        self.pid = config.portfolio_id
+        self.exchange = exchange
+        self.ledger = ledger
+        self.audit = audit
+        self.fence = fence
+        self.listener = listener
+        self.clock = clock
+        self.lock_ttl = lock_ttl
+        # An order not found on the exchange may still be in flight; once older than this, its absence is final
+        # (the exchange rejects requests older than its receive window).
+        self.settle_window = (
+            settle_window if settle_window is not None else float(getattr(exchange, "settle_window", 0.0))
+        )
+        self.sleep = sleep
+
+    # -- the cycle ------------------------------------------------------------------------------------------
+
+    def run(self, *, saved_plan: Plan | None = None, plan_only: bool = False) -> ExecutionReport:
+        """Recover, snapshot, plan (or check a saved plan), execute, record. Raises HaltedError when halted."""
+        self.check_halt()
+        recovered = self.recover()
+        state = PlannerState.from_json(self.ledger.get_memory(self.pid))
+        snapshot = self.exchange.fetch_snapshot(self.config, state)
+        from .runtime import check_skew
+
+        check_skew(self.config, snapshot)
+        now = self.clock()
+        if saved_plan is not None:
+            self.check_saved_plan(saved_plan, snapshot, now)
+            plan = saved_plan
+        else:
+            plan = make_plan(self.config, snapshot, state, now=now)
+        report = ExecutionReport(self.pid, plan, [], recovered, plan.summary.drift_before, None)
+        if plan_only:
+            return report
+        self._sync_ledger(snapshot, report)
+        self.audit.record_plan(plan.plan_id, self.pid, now, plan.to_dict(), plan.summary.drift_before)
+        report.outcomes = [self._outcome(t) for t in plan.trades]
+        try:
+            self._execute(plan, snapshot, report)
+        finally:
+            executed = {o.symbol for o in report.outcomes if o.filled > 0}
+            if executed:
+                report.drift_after = self._realized_drift(plan, snapshot)
+            else:
+                report.drift_after = plan.summary.drift_before
+            self.audit.finish_plan(plan.plan_id, report.status, report.drift_after, self.clock())
+            self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
+        return report
+
+    def check_halt(self) -> None:
+        halt = self.ledger.halted(self.pid)
+        if halt is not None:
+            raise HaltedError(
+                f"portfolio {self.pid} is halted since {halt.at:%Y-%m-%d %H:%M:%S}Z by {halt.by}: {halt.reason} "
+                f"(`rebalance resume` lifts it)"
+            )
+
+    def check_saved_plan(self, plan: Plan, snapshot: Snapshot, now: datetime) -> None:
+        """A saved plan is executed only while it still describes the market."""
+        if plan.portfolio_id != self.pid:
+            raise RefusedError(f"the saved plan is for portfolio {plan.portfolio_id}, not {self.pid}")
+        age = (now - plan.taken_at).total_seconds()
+        if age > float(self.config.max_plan_age):
+            raise RefusedError(
+                f"the saved plan's snapshot is {age:.0f}s old, more than max_plan_age {self.config.max_plan_age}s: "
+                "plan again"
+            )
+        for line in plan.assets:
+            if line.symbol == plan.quote:
+                continue
+            market = snapshot.markets.get(f"{line.symbol}/{plan.quote}")
+            if market is None:
+                raise RefusedError(f"{line.symbol}/{plan.quote} is no longer quoted")
+            moved = abs(market.mid - line.mid) / line.mid
+            if moved > self.config.price_tolerance:
+                raise RefusedError(
+                    f"{line.symbol} moved {moved * 100:.2f}% since the plan (tolerance "
+                    f"{self.config.price_tolerance * 100}%): plan again"
+                )
+
+    def _sync_ledger(self, snapshot: Snapshot, report: ExecutionReport) -> None:
+        """The exchange is the truth; replace the ledger's holdings with it unless orders are in flight."""
+        if self.ledger.locks(self.pid):
+            report.notes.append("ledger kept its own holdings: another order of this portfolio is in flight")
+            return
+        holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
+        self.ledger.sync_balances(self.pid, holdings, fence=self.fence)
+
+    def _outcome(self, t: Trade) -> OrderOutcome:
+        return OrderOutcome(t.idempotency_key, t.symbol, t.market, t.side, t.amount, est_price=t.est_price)
+
+    def _emit(self, o: OrderOutcome) -> None:
+        if self.listener is not None:
+            self.listener(o)
+
+    def _execute(self, plan: Plan, snapshot: Snapshot, report: ExecutionReport) -> None:
+        turnover = ZERO
+        mids = {a.symbol: a.mid for a in plan.assets}
+        for trade, outcome in zip(plan.trades, report.outcomes, strict=True):
+            try:
+                self.check_halt()
+            except HaltedError as exc:
+                for rest in report.outcomes[report.outcomes.index(outcome) :]:
+                    rest.status, rest.reason = "refused", str(exc)
+                    self._emit(rest)
+                return
+            refusal = self._guard(trade, mids.get(trade.symbol), turnover)
+            if refusal:
+                outcome.status, outcome.reason = "refused", refusal
+                self.audit.record_event(
+                    self.pid, "guard_refused", {"key": trade.idempotency_key, "why": refusal}, self.clock()
+                )
+                self._emit(outcome)
+                continue
+            try:
+                self._one(plan, trade, outcome, snapshot)
+            except CircuitOpenError as exc:
+                outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
+                self._emit(outcome)
+                for rest in report.outcomes[report.outcomes.index(outcome) + 1 :]:
+                    rest.status, rest.reason = "skipped", "circuit breaker open: cycle ended"
+                    self._emit(rest)
+                return
+            turnover += outcome.cost
+
+    def _guard(self, trade: Trade, mid: Decimal | None, turnover: Decimal) -> str | None:
+        c = self.config
+        if c.max_trade_notional is not None and trade.notional > c.max_trade_notional:
+            return f"notional {trade.notional:.2f} above max_trade_notional {c.max_trade_notional}"
+        if c.max_cycle_turnover is not None and turnover + trade.notional > c.max_cycle_turnover:
+            return f"cycle turnover would reach {turnover + trade.notional:.2f}, above max_cycle_turnover"
+        if c.max_slippage is not None and mid:
+            slip = abs(trade.est_price - mid) / mid
+            if slip > c.max_slippage:
+                return f"estimated price {slip * 100:.3f}% from mid, above max_slippage {c.max_slippage * 100}%"
+        return None
+
+    # -- one order --------------------------------------------------------------------------------------------
+
+    def _one(self, plan: Plan, trade: Trade, outcome: OrderOutcome, snapshot: Snapshot) -> None:
+        market = snapshot.markets[trade.market]
+        amount = trade.amount
+        if trade.side == "buy":
+            amount = self._fit_buy(trade, snapshot)
+            if amount <= 0:
+                outcome.status, outcome.reason = "skipped", "not enough quote freed by the sells for this buy"
+                self._emit(outcome)
+                return
+            outcome.amount = amount
+        intent = OrderIntent(
+            key=trade.idempotency_key,
+            portfolio_id=self.pid,
+            plan_id=plan.plan_id,
+            market=trade.market,
+            side=trade.side,
+            amount=amount,
+            est_price=trade.est_price,
+            created_at=self.clock(),
+        )
+        if not self.audit.record_intent(intent):
+            existing = self.audit.order(trade.idempotency_key)
+            if existing is not None and existing.status.terminal:
+                outcome.status, outcome.reason = "skipped", f"already executed earlier ({existing.status})"
+                outcome.filled = existing.filled
+                self._emit(outcome)
+                return
+        failpoints.hit("after_intent")
+        asset, lock_amount = self._lock_need(trade, amount, market.taker_fee)
+        if not self.ledger.lock(
+            self.pid, trade.idempotency_key, asset, lock_amount, ttl_seconds=self.lock_ttl, fence=self.fence
+        ):
+            reason = f"shadow ledger refused to lock {lock_amount} {asset}: not available"
+            self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=reason)
+            self.audit.record_event(
+                self.pid,
+                "lock_failed",
+                {"key": trade.idempotency_key, "asset": asset, "amount": str(lock_amount)},
+                self.clock(),
+            )
+            outcome.status, outcome.reason = "rejected", reason
+            self._emit(outcome)
+            return
+        self.audit.update_order(trade.idempotency_key, OrderStatus.LOCKED, at=self.clock())
+        outcome.status = "locked"
+        self._emit(outcome)
+        failpoints.hit("after_lock")
+        self.audit.update_order(trade.idempotency_key, OrderStatus.SENT, at=self.clock())
+        outcome.status = "sent"
+        self._emit(outcome)
+        try:
+            result = self._send(trade.market, trade.side, amount, trade.idempotency_key)
+        except NonRetryableExchangeError as exc:
+            self.ledger.release(self.pid, trade.idempotency_key, fence=self.fence)
+            self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=str(exc))
+            outcome.status, outcome.reason = "rejected", str(exc)
+            self._emit(outcome)
+            return
+        except CircuitOpenError:
+            self.audit.update_order(
+                trade.idempotency_key,
+                OrderStatus.UNKNOWN,
+                at=self.clock(),
+                reason="circuit open before the outcome was known",
+            )
+            raise
+        except ExchangeError as exc:
+            # outcome unknown and the exchange cannot tell us now: keep the lock, the next run settles it
+            self.audit.update_order(trade.idempotency_key, OrderStatus.UNKNOWN, at=self.clock(), reason=str(exc))
+            outcome.status, outcome.reason = "unknown", f"outcome unknown, settled on the next run: {exc}"
+            self._emit(outcome)
+            return
+        failpoints.hit("after_answer")
+        self.settle(intent, result, outcome)
+
+    def _fit_buy(self, trade: Trade, snapshot: Snapshot) -> Decimal:
+        """Size a buy against the quote the ledger says is free now, after the sells really settled."""
+        market = snapshot.markets[trade.market]
+        available = self.ledger.available(self.pid, market.quote)
+        need = (trade.notional + trade.est_fee) * (1 + BUY_LOCK_BUFFER)
+        if need <= available:
+            return trade.amount
+        amount = round_down(trade.amount * available / need, market.amount_step)
+        if amount <= 0:
+            return ZERO
+        est = CostModel().estimate(market, "buy", amount)
+        if est.notional < market.min_notional:
+            return ZERO
+        return est.amount
+
+    def _lock_need(self, trade: Trade, amount: Decimal, fee: Decimal) -> tuple[str, Decimal]:
+        base, quote = trade.market.split("/")
+        if trade.side == "sell":
+            return base, amount
+        price = trade.est_price
+        return quote, (amount * price * (1 + fee) * (1 + BUY_LOCK_BUFFER)).quantize(Decimal("1e-8"))
+
+    def _send(self, market: str, side: str, amount: Decimal, key: str) -> OrderResult:
+        """Send once; on an unknown outcome look up by client order id, re-send (same id) only if unknown."""
+        for attempt in range(1, MAX_SENDS + 1):
+            failpoints.hit("during_send")
+            try:
+                return self.exchange.create_market_order(market, side, amount, key)
+            except OrderAlreadyPlacedError:
+                found = self.exchange.fetch_order(market, key)
+                if found is not None:
+                    return found
+                raise ExchangeError(f"exchange says order {key} exists but cannot find it") from None
+            except RetryableExchangeError:
+                found = self._lookup_settled(market, key)
+                if found is not None:
+                    return found
+                if attempt == MAX_SENDS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _lookup_settled(self, market: str, key: str) -> OrderResult | None:
+        found = self.exchange.fetch_order(market, key)
+        if found is None and self.settle_window > 0:
+            # the request may still be in flight: once the exchange's receive window passed, absence is final
+            self.sleep(self.settle_window)
+            found = self.exchange.fetch_order(market, key)
+        return found
+
+    # -- settling ---------------------------------------------------------------------------------------------
+
+    def settle(self, intent: OrderIntent, result: OrderResult, outcome: OrderOutcome | None = None) -> OrderOutcome:
+        """Record what the exchange says happened, in audit then ledger; both steps are idempotent."""
+        o = outcome or OrderOutcome(intent.key, intent.market.split("/")[0], intent.market, intent.side, intent.amount)
+        if not result.is_final:
+            # market orders should never rest; a live one is cancelled so nothing trades behind our back
+            try:
+                self.exchange.cancel_order(intent.market, intent.key)
+                refreshed = self.exchange.fetch_order(intent.market, intent.key)
+                result = refreshed or result
+            except ExchangeError as exc:
+                self.audit.update_order(intent.key, OrderStatus.UNKNOWN, at=self.clock(), reason=str(exc))
+                o.status, o.reason = "unknown", f"order still open and could not be cancelled: {exc}"
+                self._emit(o)
+                return o
+        base, quote = intent.market.split("/")
+        fills = list(result.fills)
+        if result.filled > 0 and not fills:
+            fee_ccy, fee = next(iter(result.fees.items()), (quote, ZERO))
+            from .exchange.base import FillInfo
+
+            fills = [
+                FillInfo(
+                    f"{result.exchange_order_id}-total",
+                    result.filled,
+                    result.cost / result.filled,
+                    fee,
+                    fee_ccy,
+                    self.clock(),
+                )
+            ]
+        filled = sum((f.amount for f in fills), ZERO)
+        cost = sum((f.amount * f.price for f in fills), ZERO)
+        if filled != result.filled:
+            # the fills listed do not add up to what the order says: trust the order's totals for the books
+            filled, cost = result.filled, result.cost
+        for f in fills:
+            self.audit.record_fill(
+                Fill(intent.key, f.trade_id, f.amount, f.price, f.fee, f.fee_currency or quote, f.at)
+            )
+        fees: dict[str, Decimal] = {}
+        for f in fills:
+            ccy = f.fee_currency or quote
+            fees[ccy] = fees.get(ccy, ZERO) + f.fee
+        net: dict[str, Decimal] = {}
+        if filled > 0:
+            sign = 1 if intent.side == "buy" else -1
+            net[base] = net.get(base, ZERO) + sign * filled
+            net[quote] = net.get(quote, ZERO) - sign * cost
+        for ccy, fee in fees.items():
+            net[ccy] = net.get(ccy, ZERO) - fee
+        debit = {a: -v for a, v in net.items() if v < 0}
+        credit = {a: v for a, v in net.items() if v > 0}
+        if filled > 0:
+            self.ledger.commit(self.pid, intent.key, debit=debit, credit=credit, fence=self.fence)
+        else:
+            self.ledger.release(self.pid, intent.key, fence=self.fence)
+        if filled == 0:
+            status, reason = OrderStatus.REJECTED, f"exchange filled nothing ({result.status})"
+        elif filled < intent.amount:
+            status, reason = OrderStatus.FILLED, f"partially filled: {filled} of {intent.amount} ({result.status})"
+        else:
+            status, reason = OrderStatus.FILLED, None
+        self.audit.update_order(
+            intent.key, status, at=self.clock(), exchange_order_id=result.exchange_order_id, reason=reason
+        )
+        o.filled, o.cost, o.fees = filled, cost, fees
+        o.avg_price = cost / filled if filled else None
+        o.status = "rejected" if filled == 0 else ("partial" if filled < intent.amount else "filled")
+        o.reason = reason or ""
+        if o.avg_price is not None and o.est_price:
+            worse = (o.avg_price - o.est_price) * (1 if intent.side == "buy" else -1)
+            if worse > 0:
+                self.audit.record_event(
+                    self.pid,
+                    "worse_fill",
+                    {"key": intent.key, "est_price": str(o.est_price), "avg_price": str(o.avg_price)},
+                    self.clock(),
+                )
+        self._emit(o)
+        return o
+
+    # -- recovery ----------------------------------------------------------------------------------------------
+
+    def recover(self) -> list[OrderOutcome]:
+        """Settle every order a previous run left open (crash, timeout), from what the exchange knows."""
+        out: list[OrderOutcome] = []
+        for record in self.audit.open_orders(self.pid):
+            out.append(self._recover_one(record))
+        return out
+
+    def _recover_one(self, record: OrderRecord) -> OrderOutcome:
+        intent = record.intent
+        o = OrderOutcome(
+            intent.key,
+            intent.market.split("/")[0],
+            intent.market,
+            intent.side,
+            intent.amount,
+            est_price=intent.est_price,
+        )
+        found = self.exchange.fetch_order(intent.market, intent.key)
+        if found is None:
+            age = (self.clock() - intent.created_at).total_seconds()
+            if age < self.settle_window:
+                self.sleep(self.settle_window - age)
+                found = self.exchange.fetch_order(intent.market, intent.key)
+        if found is not None:
+            self.settle(intent, found, o)
+            o.reason = f"recovered: {o.reason}" if o.reason else "recovered from an earlier run"
+            self.audit.record_event(self.pid, "recovered", {"key": intent.key, "status": o.status}, self.clock())
+            return o
+        # never reached the exchange: drop it; a fresh plan decides anew from current balances
+        self.ledger.release(self.pid, intent.key, fence=self.fence)
+        self.audit.update_order(
+            intent.key,
+            OrderStatus.CANCELLED,
+            at=self.clock(),
+            reason="never reached the exchange (earlier run stopped); superseded by a new plan",
+        )
+        o.status, o.reason = "cancelled", "never reached the exchange; superseded by a new plan"
+        self._emit(o)
+        return o
+
+    def _realized_drift(self, plan: Plan, snapshot: Snapshot) -> Decimal | None:
+        """Total drift from the balances after execution, valued at the snapshot's mids."""
+        try:
+            free, locked = self.exchange.fetch_balances()
+        except ExchangeError:
+            return None
+        values = {}
+        for a in plan.assets:
+            amount = free.get(a.symbol, ZERO) + locked.get(a.symbol, ZERO)
+            values[a.symbol] = amount * a.mid
+        total = sum(values.values(), ZERO)
+        if total <= 0:
+            return None
+        return sum((abs(a.target_weight - values[a.symbol] / total) for a in plan.assets), ZERO)
+
+
+def keep_recent(records: list[OrderRecord], within: timedelta, now: datetime) -> list[OrderRecord]:
+    return [r for r in records if now - r.intent.created_at <= within]
