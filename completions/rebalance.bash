@@ -14,7 +14,7 @@ _rebalance() {
 }
 _rebalance_words() {
   case "$1" in
-    "") subs="config-schema db execute halt history plan resume validate-config"; words="config-schema db execute halt history plan resume validate-config --help -h"; fileopts="" ;;
+    "") subs="config-schema db execute halt history plan reconcile resume validate-config"; words="config-schema db execute halt history plan reconcile resume validate-config --help -h"; fileopts="" ;;
     "config-schema") subs=""; words="--help -h"; fileopts="" ;;
     "db") subs="migrate"; words="migrate --help -h"; fileopts="" ;;
     "db migrate") subs=""; words="--config -c --database-url --help -h"; fileopts="--config -c" ;;
@@ -22,6 +22,7 @@ _rebalance_words() {
     "halt") subs=""; words="--config -c --reason --help -h"; fileopts="--config -c" ;;
     "history") subs=""; words="--config -c --limit --json --help -h"; fileopts="--config -c" ;;
     "plan") subs=""; words="--config -c --snapshot --json --detailed-exitcode --help -h"; fileopts="--config -c --snapshot" ;;
+    "reconcile") subs=""; words="--config -c --repair --json --help -h"; fileopts="--config -c" ;;
     "resume") subs=""; words="--config -c --help -h"; fileopts="--config -c" ;;
     "validate-config") subs=""; words="--json --help -h"; fileopts="" ;;
     *) subs=""; words=""; fileopts="" ;;

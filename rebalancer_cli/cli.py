@@ -364,6 +364,36 @@ def history_cmd(
     _out().print(t)
 
 
+@app.command("reconcile", epilog="Example: rebalance reconcile --config examples/treasury.yaml --repair")
+def reconcile_cmd(
+    config: ConfigOpt,
+    repair: Annotated[bool, typer.Option("--repair", help="Align ledger and audit with the exchange.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare exchange, shadow ledger and audit trail; exit 4 while they disagree (after --repair: 0)."""
+    from .runtime import reconcile
+
+    report = reconcile(config, repair=repair)
+    if as_json:
+        _print_json(report.to_dict())
+    else:
+        from rich.table import Table
+
+        if report.consistent:
+            _out().print(f"{report.portfolio_id}: exchange, ledger and audit agree")
+        else:
+            t = Table(title="Differences", title_justify="left")
+            for col in ("kind", "subject", "exchange", "ledger", "audit", "note"):
+                t.add_column(col)
+            for d in report.differences:
+                t.add_row(d.kind, d.subject, d.exchange, d.ledger, d.audit, d.note)
+            _out().print(t)
+        for line in report.repaired:
+            _out().print(f"repaired: {line}")
+    if not report.consistent and not repair:
+        raise typer.Exit(ExitCode.INCOMPLETE)
+
+
 db_app = typer.Typer(help="Audit store administration.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .exchange.base import Exchange
     from .executor import ExecutionReport, Listener
     from .ledger.base import Halt, ShadowLedger
+    from .reconcile import ReconcileReport
 
 
 def open_exchange(config: Config) -> Exchange:
@@ -205,3 +206,25 @@ def migrate(config_path: Path | None = None, database_url: str | None = None) ->
         return store.migrate()
     finally:
         store.close()
+
+
+def reconcile(config_path: Path, *, repair: bool = False) -> ReconcileReport:
+    """`rebalance reconcile`: exchange vs ledger vs audit; `repair` aligns ledger and audit to the exchange."""
+    from .executor import Executor
+    from .reconcile import reconcile as run
+
+    config = load_config(config_path)
+    ledger = open_ledger_for(config)
+    try:
+        audit = open_audit_for(config)
+        try:
+            exchange = open_exchange(config)
+            try:
+                executor = Executor(config, exchange, ledger, audit)
+                return run(config, exchange, ledger, audit, repair=repair, settle=executor.settle)
+            finally:
+                exchange.close()
+        finally:
+            audit.close()
+    finally:
+        ledger.close()

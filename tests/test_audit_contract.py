@@ -300,6 +300,21 @@ def test_open_orders_are_the_non_terminal_ones_oldest_first(store: AuditStore, u
     assert by_key[partial].reason == "r-partially_filled"
 
 
+def test_recent_orders_are_newest_first_in_any_status_with_fills(store: AuditStore, unique_id: str) -> None:
+    t0 = datetime.now(UTC) - timedelta(minutes=10)
+    intents = [make_intent(unique_id, created_at=t0 + timedelta(seconds=i)) for i in range(4)]
+    for intent in intents:
+        store.record_intent(intent)
+    store.update_order(intents[1].key, OrderStatus.FILLED, at=t0 + timedelta(minutes=1))
+    assert store.record_fill(make_fill(intents[1].key, amount=Decimal("0.5"), price=Decimal("100")))
+
+    recent = store.recent_orders(unique_id, limit=3)
+
+    assert [r.intent.key for r in recent] == [i.key for i in reversed(intents)][:3]
+    assert {r.intent.key: r.filled for r in recent}[intents[1].key] == Decimal("0.5")
+    assert {r.intent.key: r.status for r in recent}[intents[1].key] is OrderStatus.FILLED
+
+
 def test_a_terminal_order_is_never_reopened_by_a_late_update(store: AuditStore, unique_id: str) -> None:
     t = datetime.now(UTC)
     filled = make_intent(unique_id)

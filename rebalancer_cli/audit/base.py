@@ -191,6 +191,10 @@ class AuditStore(Protocol):
         """Orders not in a terminal state, oldest first: what crash recovery must look up."""
         ...
 
+    def recent_orders(self, portfolio_id: str, limit: int = 50) -> list[OrderRecord]:
+        """The newest orders in any status, newest first (reconciliation)."""
+        ...
+
     def history(self, portfolio_id: str, limit: int = 20) -> list[ExecutionRecord]:
         """Executions, newest first."""
         ...

@@ -493,6 +493,15 @@ class PostgresAuditStore:
             ).fetchall()
         return [self._record(row) for row in rows]
 
+    def recent_orders(self, portfolio_id: str, limit: int = 50) -> list[OrderRecord]:
+        check_limit(limit)
+        with self._conn() as conn:
+            rows = conn.execute(
+                _ORDER_SELECT + "WHERE o.portfolio_id = %s ORDER BY o.created_at DESC, o.key DESC LIMIT %s",
+                (portfolio_id, limit),
+            ).fetchall()
+        return [self._record(row) for row in rows]
+
     # --- reports ----------------------------------------------------------------------------------
 
     def history(self, portfolio_id: str, limit: int = 20) -> list[ExecutionRecord]:

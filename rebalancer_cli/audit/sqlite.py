@@ -373,6 +373,28 @@ class SqliteAuditStore:
 
         return self._tx(run, write=False)
 
+    def recent_orders(self, portfolio_id: str, limit: int = 50) -> list[OrderRecord]:
+        check_limit(limit)
+
+        def run(conn: sqlite3.Connection) -> list[OrderRecord]:
+            rows = conn.execute(
+                f"SELECT {_ORDER_COLUMNS} FROM orders WHERE portfolio_id = ? ORDER BY created_at DESC, key DESC "
+                "LIMIT ?",
+                (portfolio_id, limit),
+            ).fetchall()
+            fills: dict[str, list[tuple[str, str, str, str]]] = defaultdict(list)
+            keys = [row[0] for row in rows]
+            for chunk in range(0, len(keys), 500):
+                part = keys[chunk : chunk + 500]
+                marks = ",".join("?" * len(part))
+                for key, *rest in conn.execute(
+                    f"SELECT key, amount, price, fee, fee_currency FROM fills WHERE key IN ({marks})", part
+                ):
+                    fills[key].append((rest[0], rest[1], rest[2], rest[3]))
+            return [self._record(row, fills[row[0]]) for row in rows]
+
+        return self._tx(run, write=False)
+
     # --- reports ----------------------------------------------------------------------------------
 
     def history(self, portfolio_id: str, limit: int = 20) -> list[ExecutionRecord]:
