@@ -14,8 +14,9 @@ _rebalance() {
 }
 _rebalance_words() {
   case "$1" in
-    "") subs="config-schema db execute halt history plan reconcile resume validate-config"; words="config-schema db execute halt history plan reconcile resume validate-config --help -h"; fileopts="" ;;
+    "") subs="config-schema daemon db execute halt history plan reconcile resume validate-config"; words="config-schema daemon db execute halt history plan reconcile resume validate-config --help -h"; fileopts="" ;;
     "config-schema") subs=""; words="--help -h"; fileopts="" ;;
+    "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --otlp-endpoint --help -h"; fileopts="--config -c" ;;
     "db") subs="migrate"; words="migrate --help -h"; fileopts="" ;;
     "db migrate") subs=""; words="--config -c --database-url --help -h"; fileopts="--config -c" ;;
     "execute") subs=""; words="--config -c --confirm --plan --json --help -h"; fileopts="--config -c --plan" ;;

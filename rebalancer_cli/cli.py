@@ -394,7 +394,51 @@ def reconcile_cmd(
         raise typer.Exit(ExitCode.INCOMPLETE)
 
 
-db_app = typer.Typer(help="Audit store administration.", no_args_is_help=True)
+@app.command(
+    "daemon",
+    epilog="Example: rebalance daemon --config portfolios/ --metrics-port 9108 --log-format json",
+)
+def daemon_cmd(
+    config: Annotated[
+        list[Path], typer.Option("--config", "-c", help="Config file or directory of configs; repeatable.")
+    ],
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Serve /metrics and /healthz on this port.")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address to serve metrics on.")] = "127.0.0.1",
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="text, json or auto (json when not a terminal).")
+    ] = "auto",
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    instance_id: Annotated[str | None, typer.Option("--instance-id", help="Name of this instance in leases.")] = None,
+    lease_ttl: Annotated[float, typer.Option("--lease-ttl", min=1.0, help="Seconds a lease lasts unrenewed.")] = 15.0,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=256, help="Portfolios worked at once.")] = 8,
+    otlp_endpoint: Annotated[
+        str | None, typer.Option("--otlp-endpoint", help="Export traces over OTLP/HTTP to this URL.")
+    ] = None,
+) -> None:
+    """Keep every configured portfolio at its targets, continuously; several instances share the work."""
+    from .daemon import run_daemon
+    from .telemetry import setup_logging
+
+    if log_format not in ("text", "json", "auto"):
+        raise typer.BadParameter("must be text, json or auto", param_hint="--log-format")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter("must be debug, info, warning or error", param_hint="--log-level")
+    setup_logging(log_format, log_level)
+    raise typer.Exit(
+        run_daemon(
+            config, metrics_port=metrics_port, metrics_host=metrics_host, instance_id=instance_id,
+            lease_ttl=lease_ttl, workers=workers, otlp_endpoint=otlp_endpoint,
+        )
+    )
+
+
+db_app = typer.Typer(
+    help="Audit store administration.",
+    no_args_is_help=True,
+    epilog="Example: rebalance db migrate --config examples/treasury.yaml",
+)
 app.add_typer(db_app, name="db")
 
 

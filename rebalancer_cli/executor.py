@@ -10,6 +10,7 @@ the audit store; the next run settles it from the exchange before planning anew.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,8 @@ LOCK_TTL_SECONDS = 600.0
 MAX_SENDS = 3
 # a buy locks its estimated spend plus this much, for the price to move between plan and fill
 BUY_LOCK_BUFFER = Decimal("0.02")
+# a saved plan's weights are written to 8 decimals; holdings that moved less than this have not changed
+SAVED_PLAN_WEIGHT_TOLERANCE = Decimal("1e-6")
 
 Listener = Callable[["OrderOutcome"], None]
 
@@ -84,7 +87,8 @@ class OrderOutcome:
         }
 
 
-FAILED = frozenset({"rejected", "unknown", "failed"})
+# a partial fill leaves the portfolio short of its targets: the cycle is incomplete (exit 4), like a failure
+FAILED = frozenset({"rejected", "unknown", "failed", "partial"})
 
 
 @dataclass
@@ -139,7 +143,10 @@ class Executor:
         lock_ttl: float = LOCK_TTL_SECONDS,
         settle_window: float | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        stop: threading.Event | None = None,
     ) -> None:
+        # set by the daemon on SIGTERM: the order in flight finishes, the rest of the cycle is skipped
+        self.stop = stop or threading.Event()
         self.config = config
         self.pid = config.portfolio_id
         self.exchange = exchange
@@ -179,6 +186,8 @@ class Executor:
         self._sync_ledger(snapshot, report)
         self.audit.record_plan(plan.plan_id, self.pid, now, plan.to_dict(), plan.summary.drift_before)
         report.outcomes = [self._outcome(t) for t in plan.trades]
+        for o in report.outcomes:  # the live view shows the whole plan before the first order leaves
+            self._emit(o)
         try:
             self._execute(plan, snapshot, report)
         finally:
@@ -221,6 +230,21 @@ class Executor:
                     f"{line.symbol} moved {moved * 100:.2f}% since the plan (tolerance "
                     f"{self.config.price_tolerance * 100}%): plan again"
                 )
+        # Prices alone do not make a saved plan valid: if the holdings changed (the plan, or another plan, was
+        # executed since; a deposit), its trades would correct a drift that is no longer there. Valued at the
+        # plan's own mids, unchanged holdings give back the plan's weights whatever the market did since.
+        values = {
+            line.symbol: (snapshot.balances.get(line.symbol, ZERO) + snapshot.locked.get(line.symbol, ZERO)) * line.mid
+            for line in plan.assets
+        }
+        total = sum(values.values(), ZERO)
+        for line in plan.assets:
+            now_weight = values[line.symbol] / total if total > 0 else ZERO
+            if abs(now_weight - line.current_weight) > SAVED_PLAN_WEIGHT_TOLERANCE:
+                raise RefusedError(
+                    f"holdings changed since the plan ({line.symbol} was {line.current_weight * 100:.4f}% of the "
+                    f"portfolio, is {now_weight * 100:.4f}% at the plan's prices): plan again"
+                )
 
     def _sync_ledger(self, snapshot: Snapshot, report: ExecutionReport) -> None:
         """The exchange is the truth; replace the ledger's holdings with it unless orders are in flight."""
@@ -241,6 +265,10 @@ class Executor:
         turnover = ZERO
         mids = {a.symbol: a.mid for a in plan.assets}
         for trade, outcome in zip(plan.trades, report.outcomes, strict=True):
+            if self.stop.is_set():
+                outcome.status, outcome.reason = "skipped", "shutting down: not started"
+                self._emit(outcome)
+                continue
             try:
                 self.check_halt()
             except HaltedError as exc:
@@ -283,6 +311,8 @@ class Executor:
 
     def _one(self, plan: Plan, trade: Trade, outcome: OrderOutcome, snapshot: Snapshot) -> None:
         market = snapshot.markets[trade.market]
+        if self._known(trade.idempotency_key, outcome):
+            return
         amount = trade.amount
         if trade.side == "buy":
             amount = self._fit_buy(trade, snapshot)
@@ -301,13 +331,8 @@ class Executor:
             est_price=trade.est_price,
             created_at=self.clock(),
         )
-        if not self.audit.record_intent(intent):
-            existing = self.audit.order(trade.idempotency_key)
-            if existing is not None and existing.status.terminal:
-                outcome.status, outcome.reason = "skipped", f"already executed earlier ({existing.status})"
-                outcome.filled = existing.filled
-                self._emit(outcome)
-                return
+        if not self.audit.record_intent(intent) and self._known(trade.idempotency_key, outcome):
+            return  # another run recorded it between our check and our write
         failpoints.hit("after_intent")
         asset, lock_amount = self._lock_need(trade, amount, market.taker_fee)
         if not self.ledger.lock(
@@ -355,6 +380,23 @@ class Executor:
             return
         failpoints.hit("after_answer")
         self.settle(intent, result, outcome)
+
+    def _known(self, key: str, outcome: OrderOutcome) -> bool:
+        """An order under this key exists already (a saved plan run twice): never send it again from here.
+
+        A finished one is done; a live one belongs to another run, or to recovery. Re-sending a live key would
+        trade twice on Binance-like exchanges, which refuse a repeated client order id only while it is open.
+        """
+        existing = self.audit.order(key)
+        if existing is None:
+            return False
+        if existing.status.terminal:
+            outcome.reason = f"already executed earlier ({existing.status})"
+        else:
+            outcome.reason = f"in flight in another run ({existing.status}); the next run settles it"
+        outcome.status, outcome.filled = "skipped", existing.filled
+        self._emit(outcome)
+        return True
 
     def _fit_buy(self, trade: Trade, snapshot: Snapshot) -> Decimal:
         """Size a buy against the quote the ledger says is free now, after the sells really settled."""

@@ -32,6 +32,9 @@ except AttributeError:  # pragma: no cover - depends on the PyYAML build
 PathKey = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
+# far deeper than any config or snapshot needs (they nest 5 levels), far below what crashes libyaml
+MAX_DEPTH = 64
+
 _INT_RE = re.compile(r"^[-+]?(0|[1-9][0-9_]*)$")
 _FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?$")
 
@@ -45,6 +48,8 @@ class Located:
     positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     key_positions: dict[PathKey, tuple[int, int]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    # how many more values alias expansion may produce (see `_check_shape`)
+    budget: int = 10_000_000
 
     def where(self, path: PathKey, *, key: bool = False) -> tuple[int, int]:
         """Position of `path`, or of its nearest located ancestor when the value is missing."""
@@ -86,7 +91,11 @@ def read_text(path: Path, *, kind: str, max_bytes: int) -> str:
         size = path.stat().st_size
         if size > max_bytes:
             raise fail(f"is {size / 1e6:.1f} MB; a {kind} file is at most {max_bytes / 1e6:.0f} MB")
-        raw = path.read_bytes()
+        # read at most one byte past the limit: a device or a pipe (/dev/zero, a FIFO) reports size 0
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise fail(f"is larger than {max_bytes / 1e6:.0f} MB, the most a {kind} file may be")
     except FileNotFoundError:
         raise fail(f"no such {kind} file") from None
     except PermissionError:
@@ -112,20 +121,37 @@ def load(path: Path, *, kind: str, max_bytes: int = 1_000_000) -> Located:
 
 def loads(text: str, *, file: str, kind: str) -> Located:
     try:
+        budget = _check_shape(text, file)
         node = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
-        reason = exc.problem or exc.context or "invalid YAML"
+        # PyYAML splits a reason into context ("while parsing a flow sequence") and problem; both help
+        parts = [part for part in (exc.context, exc.problem) if part]
+        reason = ", ".join(parts) or "invalid YAML"
+        raise InvalidFileError([Problem(file, line, col, "", f"not valid YAML: {_one_line(reason)}")]) from None
+    except yaml.reader.ReaderError as exc:
+        # a forbidden character: its message spans lines and counts characters; give line:col instead
+        # the reader stops at the first such character; libyaml counts its offset in bytes, PyYAML in characters
+        at = text.find(chr(exc.character)) if isinstance(exc.character, int) else -1
+        at = at if at >= 0 else min(exc.position, len(text))
+        line = text.count("\n", 0, at) + 1
+        col = at - (text.rfind("\n", 0, at) + 1) + 1
+        code = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        reason = f"unacceptable character {code}: {exc.reason}"
         raise InvalidFileError([Problem(file, line, col, "", f"not valid YAML: {reason}")]) from None
     except yaml.YAMLError as exc:
-        raise InvalidFileError([Problem(file, 0, 0, "", f"not valid YAML: {exc}")]) from None
+        raise InvalidFileError([Problem(file, 0, 0, "", f"not valid YAML: {_one_line(str(exc))}")]) from None
     if node is None:
         raise InvalidFileError([Problem(file, 0, 0, "", f"is empty; a {kind} file needs the required keys")])
-    located = Located(data=None, file=file)
+    located = Located(data=None, file=file, budget=budget)
     located.data = _convert(node, (), located)
     if not isinstance(located.data, dict):
-        what = "a list" if isinstance(located.data, list) else f"a single value ({located.data!r:.40})"
+        if isinstance(located.data, list):
+            what = "a list"
+        else:
+            shown = str(located.data) if isinstance(located.data, Decimal | str) else repr(located.data)
+            what = f"a single value ({shown[:40]})"
         raise InvalidFileError(
             [
                 Problem(
@@ -140,8 +166,42 @@ def loads(text: str, *, file: str, kind: str) -> Located:
     return located
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _check_shape(text: str, file: str) -> int:
+    """Refuse pathological nesting before composing, and size the budget for alias expansion.
+
+    libyaml's composer recurses in C (a few thousand `[` crash the process) and its scanner slows down
+    with the square of the nesting depth, so depth is checked on the event stream, which stops at the first
+    level too deep. Returns how many values the document may expand to through aliases (a "billion laughs"
+    file is a few lines that expand to billions).
+    """
+    depth = 0
+    nodes = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                line, col = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+                raise InvalidFileError([Problem(file, line, col, "", f"nested deeper than {MAX_DEPTH} levels")])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+        if isinstance(event, yaml.NodeEvent):
+            nodes += 1
+    return 2 * nodes + 10_000
+
+
 def _convert(node: yaml.Node, path: PathKey, doc: Located) -> Any:
     doc.positions[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    doc.budget -= 1
+    if len(path) > MAX_DEPTH or doc.budget < 0:
+        # only aliases get here: an alias of an ancestor (recursive) or aliases of aliases (a "billion laughs")
+        what = f"nested deeper than {MAX_DEPTH} levels" if len(path) > MAX_DEPTH else "too large"
+        line, col = doc.positions[path]
+        raise InvalidFileError([Problem(doc.file, line, col, "", f"YAML aliases make the document {what}")])
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -297,7 +357,7 @@ def _known_keys(model: type[BaseModel], path: PathKey) -> list[str]:
         else:
             return []
     fields = getattr(_unwrap(annotation), "model_fields", None)
-    return list(fields) if fields else []
+    return [name for name, f in fields.items() if not f.exclude] if fields else []
 
 
 def _unwrap(annotation: Any) -> Any:

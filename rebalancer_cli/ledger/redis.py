@@ -81,27 +81,7 @@ class RedisLedger:
 
     @classmethod
     def from_url(cls, url: str) -> RedisLedger:
-        """Connect lazily to a server, or eagerly to a cluster (redis-py reads its slot map at once)."""
-        scheme = urlsplit(url).scheme.lower()
-        options: dict[str, Any] = {
-            "decode_responses": True,
-            "socket_connect_timeout": 5,
-            "socket_timeout": 10,
-        }
-        display = redact_url(url)
-        try:
-            if scheme in CLUSTER_SCHEMES:
-                plain = scheme.removesuffix("+cluster") + url[len(scheme) :]
-                client: redis.Redis | redis.cluster.RedisCluster = redis.cluster.RedisCluster.from_url(plain, **options)
-            elif scheme in SINGLE_SCHEMES:
-                client = redis.Redis.from_url(url, **options)
-            else:
-                raise ValueError(f"not a Redis URL scheme: {scheme!r}")
-        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
-            raise StoreError(f"Redis at {display} is unreachable: {_first_line(exc)}") from exc
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"Redis URL {display} is invalid: {_first_line(exc)}") from exc
-        return cls(client, url)
+        return cls(connect(url), url)
 
     # --- plumbing ---------------------------------------------------------------------------------
 
@@ -266,3 +246,29 @@ class RedisLedger:
     def close(self) -> None:
         with self._guard():
             self._client.close()
+
+
+def connect(url: str) -> redis.Redis | redis.cluster.RedisCluster:
+    """Connect lazily to a server, or eagerly to a cluster (redis-py reads its slot map at once).
+
+    Shared by everything that keeps cross-instance state in Redis (ledger, leases, rate limits)."""
+    scheme = urlsplit(url).scheme.lower()
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": 5,
+        "socket_timeout": 10,
+    }
+    display = redact_url(url)
+    try:
+        if scheme in CLUSTER_SCHEMES:
+            plain = scheme.removesuffix("+cluster") + url[len(scheme) :]
+            client: redis.Redis | redis.cluster.RedisCluster = redis.cluster.RedisCluster.from_url(plain, **options)
+        elif scheme in SINGLE_SCHEMES:
+            client = redis.Redis.from_url(url, **options)
+        else:
+            raise ValueError(f"not a Redis URL scheme: {scheme!r}")
+    except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+        raise StoreError(f"Redis at {display} is unreachable: {_first_line(exc)}") from exc
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"Redis URL {display} is invalid: {_first_line(exc)}") from exc
+    return client
