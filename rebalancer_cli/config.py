@@ -13,10 +13,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema
+from pydantic_core import PydanticCustomError
 
 from . import yamlfile
-from .decimals import BaseThreshold, FeeRate, Fraction, Positive, SafetyMargin, VolatilityFactor
+from .decimals import BaseThreshold, FeeRate, Fraction, Positive, SafetyMargin, VolatilityFactor, to_decimal
 from .errors import ConfigError, InvalidFileError, Problem
 
 MAX_CONFIG_BYTES = 1_000_000
@@ -76,7 +77,7 @@ def _duration(value: Any) -> Decimal:
     if isinstance(value, bool):
         raise ValueError("must be a duration such as 30s, 15m or 1h")
     if isinstance(value, Decimal | int):
-        seconds = Decimal(value)
+        seconds = to_decimal(value)
     elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
         units = {
             "ms": Decimal("0.001"),
@@ -86,7 +87,7 @@ def _duration(value: Any) -> Decimal:
             "d": Decimal(86400),
         }
         unit = units[m.group(2) or "s"]
-        seconds = Decimal(m.group(1)) * unit
+        seconds = to_decimal(Decimal(m.group(1)) * unit)
     else:
         raise ValueError("must be a duration such as 30s, 15m or 1h")
     if seconds < 0:
@@ -95,15 +96,25 @@ def _duration(value: Any) -> Decimal:
 
 
 def _trade_count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | Decimal) or value != int(value):
+    try:
+        # quoted ("10") like every other number of the file; booleans and floats are refused there
+        number = to_decimal(value)
+    except PydanticCustomError:
+        raise ValueError("must be a whole number between 1 and 50") from None
+    if number != number.to_integral_value():
         raise ValueError("must be a whole number between 1 and 50")
+    value = number
     if not 1 <= value <= 50:
         raise ValueError("must be between 1 and 50")
     return int(value)
 
 
 Symbol = Annotated[str, AfterValidator(_symbol)]
-Duration = Annotated[Decimal, BeforeValidator(_duration)]
+Duration = Annotated[
+    Decimal,
+    BeforeValidator(_duration),
+    WithJsonSchema({"type": ["number", "string"], "pattern": _DURATION_RE.pattern}),
+]
 
 
 class RebalanceTo(StrEnum):
@@ -121,7 +132,8 @@ class AssetConfig(BaseModel):
 
 
 def _env_name(value: str) -> str:
-    if not _ENV_NAME_RE.match(value):
+    # The value is never repeated in a message: when it is a key pasted by mistake, errors get logged.
+    if not _ENV_NAME_RE.match(value) or _looks_like_key(value):
         raise ValueError(
             "must be the NAME of an environment variable holding the credential (upper case, e.g. BINANCE_SECRET), "
             "never the credential itself"
@@ -129,21 +141,48 @@ def _env_name(value: str) -> str:
     return value
 
 
+def _looks_like_key(value: str) -> bool:
+    """An upper-case API key (hex, base32) passes the name pattern; names are short words joined by `_`."""
+    words = value.split("_")
+    return any(len(w) >= 32 or (len(w) >= 16 and sum(c.isdigit() for c in w) >= 2) for w in words)
+
+
+def _credential_field(value: str) -> str:
+    if value not in _CREDENTIAL_FIELDS:
+        raise ValueError(f"'{value}' is not a ccxt credential field ({', '.join(_CREDENTIAL_FIELDS)})")
+    return value
+
+
+def _exchange_id(value: str) -> str:
+    if not _EXCHANGE_ID_RE.match(value):
+        raise ValueError("must be `paper` or a ccxt exchange id such as binance")
+    return value
+
+
+def _api_url(value: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http(s) URL such as http://127.0.0.1:8900")
+    return value
+
+
 EnvName = Annotated[str, AfterValidator(_env_name)]
+CredentialField = Annotated[str, AfterValidator(_credential_field)]
 
 
 class ExchangeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field("paper", description="`paper` (embedded, from a snapshot file) or any ccxt exchange id")
+    id: Annotated[str, AfterValidator(_exchange_id)] = Field(
+        "paper", description="`paper` (embedded, from a snapshot file) or any ccxt exchange id"
+    )
     snapshot: str | None = Field(
         None, description="Paper exchange only: the snapshot file, relative to the config file"
     )
-    credentials_env: dict[str, EnvName] = Field(
+    credentials_env: dict[CredentialField, EnvName] = Field(
         default_factory=dict,
         description="Names of environment variables holding credentials, by ccxt field (apiKey, secret); "
         "never the credentials themselves",
     )
-    api_url: str | None = Field(
+    api_url: Annotated[str, AfterValidator(_api_url)] | None = Field(
         None, description="Replaces every REST base URL (a loopback emulator, a proxy); keeps the paths"
     )
     sandbox: bool = Field(False, description="Use the exchange's own testnet (ccxt sandbox mode)")
@@ -160,20 +199,6 @@ class ExchangeConfig(BaseModel):
     max_snapshot_skew: Duration = Field(
         Decimal(5), description="Refuse a snapshot whose parts were read further apart than this"
     )
-
-    def model_post_init(self, __context: Any) -> None:
-        problems = []
-        if not _EXCHANGE_ID_RE.match(self.id):
-            problems.append("id must be `paper` or a ccxt exchange id such as binance")
-        for key in self.credentials_env:
-            if key not in _CREDENTIAL_FIELDS:
-                problems.append(
-                    f"credentials_env key '{key}' is not a ccxt credential ({', '.join(_CREDENTIAL_FIELDS)})"
-                )
-        if self.api_url is not None and not re.match(r"^https?://[^/\s]+", self.api_url):
-            problems.append("api_url must be an http(s) URL such as http://127.0.0.1:8900")
-        if problems:
-            raise ValueError("; ".join(problems))
 
     @property
     def is_paper(self) -> bool:
@@ -237,8 +262,13 @@ class Config(BaseModel):
         None,
         description="Embedded state directory; default $REBALANCE_STATE_DIR, else ~/.local/state/rebalance",
     )
-    # set by the loader, not by the file
-    source: str = Field("", exclude=True, json_schema_extra={"readOnly": True}, description="(internal)")
+    # set by the loader, never by the file: as a field, `source:` in a file would pass as a known key
+    _source: str = PrivateAttr("")
+
+    @property
+    def source(self) -> str:
+        """The file this config was loaded from; relative paths in it are relative to that file."""
+        return self._source
 
     @property
     def quote_symbol(self) -> str:
@@ -252,12 +282,29 @@ class Config(BaseModel):
         return self._relative(self.state_dir) if self.state_dir else default_state_dir()
 
     def snapshot_path(self) -> Path | None:
-        return self._relative(self.exchange.snapshot) if self.exchange.snapshot else None
+        """The paper exchange's snapshot file; None for a real exchange."""
+        if self.exchange.snapshot:
+            return self._relative(self.exchange.snapshot)
+        if self.exchange.is_paper:
+            # a config without an `exchange` block is valid (DESIGN.md's minimum) but has nothing to trade on
+            raise ConfigError(
+                [
+                    Problem(
+                        self._source or "config",
+                        0,
+                        0,
+                        "exchange",
+                        "no exchange configured: add `exchange: {id: paper, snapshot: FILE}` or a ccxt exchange id, "
+                        "or plan from a saved snapshot with --snapshot FILE",
+                    )
+                ]
+            )
+        return None
 
     def _relative(self, value: str) -> Path:
         path = Path(value).expanduser()
-        if not path.is_absolute() and self.source:
-            path = Path(self.source).parent / path
+        if not path.is_absolute() and self._source:
+            path = Path(self._source).parent / path
         return path
 
 
@@ -293,11 +340,11 @@ def _cross_checks(doc: yamlfile.Located) -> list[Problem]:
                 )
             else:
                 seen[sym] = i
-        w = item.get("target_weight")
-        if isinstance(w, Decimal) and w.is_finite():
-            total += w
-        else:
-            weights_ok = False
+        try:
+            # the same parsing as the schema's: a quoted "0.4" or a 5e-1 (text in YAML 1.1) counts too
+            total += to_decimal(item.get("target_weight"))
+        except PydanticCustomError:
+            weights_ok = False  # the schema reports the weight itself
     if weights_ok and assets and abs(total - 1) > WEIGHT_TOLERANCE:
         problems.append(
             doc.problem(("assets",), f"target weights sum to {total}, not 1 (tolerance {WEIGHT_TOLERANCE})")
@@ -338,7 +385,7 @@ def load_config(path: Path) -> Config:
         raise ConfigError(exc.problems) from None
     if config.quote is None:
         config.quote = next(a.symbol for a in config.assets if a.symbol in STABLE_OR_FIAT)
-    config.source = str(path)
+    config._source = str(path)
     return config
 
 
@@ -346,5 +393,4 @@ def json_schema() -> dict[str, Any]:
     schema = Config.model_json_schema(mode="validation")
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "rebalance portfolio config"
-    schema.get("properties", {}).pop("source", None)
     return schema

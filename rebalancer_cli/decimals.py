@@ -12,6 +12,8 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
 from pydantic_core import PydanticCustomError
 
+MAX_MAGNITUDE = Decimal("1e30")
+
 
 def to_decimal(value: Any) -> Decimal:
     """Accept Decimal, int and decimal text; refuse floats and booleans, which are never exact money."""
@@ -22,6 +24,8 @@ def to_decimal(value: Any) -> Decimal:
     elif isinstance(value, int):
         result = Decimal(value)
     elif isinstance(value, str):
+        if value.strip().lower().lstrip("+-") in (".inf", ".nan"):  # YAML's spelling of infinity and NaN
+            raise PydanticCustomError("decimal_finite", "must be a finite number")
         try:
             result = Decimal(value.strip().replace("_", ""))
         except InvalidOperation:
@@ -32,6 +36,10 @@ def to_decimal(value: Any) -> Decimal:
         raise PydanticCustomError("decimal_type", "must be a number")
     if not result.is_finite():
         raise PydanticCustomError("decimal_finite", "must be a finite number")
+    if result.copy_abs() >= MAX_MAGNITUDE:  # copy_abs, unlike abs(), never rounds nor overflows
+        # no real amount, price or fee comes near it; unbounded, `9.0e+999999` would pass and overflow Decimal
+        # arithmetic in the planner (an internal error instead of a located one)
+        raise PydanticCustomError("decimal_magnitude", "must be less than 1e30 in size")
     return result
 
 
@@ -51,7 +59,9 @@ def _ranged(lo: Decimal | None, hi: Decimal | None, *, lo_open: bool = False) ->
     return BeforeValidator(check)
 
 
-_schema_number = WithJsonSchema({"type": ["number", "string"], "pattern": r"^-?[0-9]+(\.[0-9]+)?$"})
+# the decimal text `to_decimal` accepts, so that an editor never flags a value the loader takes (1e-4, "0.4")
+NUMBER_PATTERN = r"^\s*[-+]?([0-9][0-9_]*(\.[0-9_]*)?|\.[0-9][0-9_]*)([eE][-+]?[0-9]+)?\s*$"
+_schema_number = WithJsonSchema({"type": ["number", "string"], "pattern": NUMBER_PATTERN})
 _as_text = PlainSerializer(lambda d: str(d), return_type=str, when_used="json")
 
 

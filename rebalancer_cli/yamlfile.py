@@ -13,7 +13,7 @@ import re
 import types
 import typing
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
@@ -151,7 +151,7 @@ def loads(text: str, *, file: str, kind: str) -> Located:
             what = "a list"
         else:
             shown = str(located.data) if isinstance(located.data, Decimal | str) else repr(located.data)
-            what = f"a single value ({shown[:40]})"
+            what = f"a single value ({printable(shown[:40])})"
         raise InvalidFileError(
             [
                 Problem(
@@ -290,9 +290,18 @@ def validate(model: type[M], doc: Located) -> M:
             problems.append(_problem_from(model, doc, err))
     if problems:
         problems.sort(key=lambda p: (p.line, p.column))
+        # keys and values quoted in messages come from the file: a newline in one must not split the line
+        problems = [replace(p, path=printable(p.path), message=printable(p.message)) for p in problems]
         raise InvalidFileError(problems)
     assert result is not None
     return result
+
+
+def printable(text: str) -> str:
+    """`text` with control characters escaped (a newline as \\n), so that one problem is one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _problem_from(model: type[BaseModel], doc: Located, err: ErrorDetails) -> Problem:
