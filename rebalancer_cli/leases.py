@@ -4,8 +4,12 @@ within one lease TTL.
 A lease carries a fencing token that only ever grows (Kleppmann's fencing tokens): the holder hands it to the
 shadow ledger with every write, so an instance that paused past its lease (GC, a stopped VM) and wakes up
 believing it still holds the portfolio is refused by the ledger instead of trading beside its successor.
-Two implementations: Redis (shared by instances on many hosts; every key hash-tagged by portfolio, so it runs
-on Redis Cluster) and SQLite (instances on one host sharing a state directory).
+
+Instances also announce themselves (a heartbeat with the same TTL), so that each can count the live ones and
+claim only its fair share: without it, the first instance to start would claim every portfolio and a second
+one would sit idle. Two implementations: Redis (shared by instances on many hosts; every lease key is
+hash-tagged by portfolio, so it runs on Redis Cluster, and the one membership key lives in a single slot) and
+SQLite (instances on one host sharing a state directory).
 """
 
 from __future__ import annotations
@@ -45,6 +49,16 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# The server's clock decides who is alive, as it decides lease expiry: hosts with skewed clocks still agree.
+_HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 4)
+return redis.call('ZCARD', KEYS[1])
+"""
+MEMBERS_KEY = "rb:daemon:members"
 
 
 class LeaseStore(Protocol):
@@ -58,6 +72,16 @@ class LeaseStore(Protocol):
 
     def holder(self, portfolio_id: str) -> str | None: ...
 
+    def heartbeat(self, holder: str, ttl: float) -> int:
+        """Announce `holder` alive for `ttl` seconds; returns how many instances are alive, itself included."""
+        ...
+
+    def leave(self, holder: str) -> None:
+        """Withdraw the announcement at a clean stop, so the others take over at once instead of after a TTL."""
+        ...
+
+    def ping(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -67,6 +91,7 @@ class RedisLeases:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._heartbeat = client.register_script(_HEARTBEAT)
 
     @classmethod
     def from_url(cls, url: str) -> RedisLeases:
@@ -85,14 +110,22 @@ class RedisLeases:
             return fn()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise StoreError(f"lease store unreachable: {str(exc).splitlines()[0]}") from exc
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            # a cluster reshuffling slots, a script error: the lease state is unknown, never a crash of the loop
+            raise StoreError(f"lease store failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+
+    @staticmethod
+    def _ms(ttl: float) -> int:
+        return max(1, int(ttl * 1000))
 
     def acquire(self, portfolio_id: str, holder: str, ttl: float) -> int | None:
-        token = int(self._call(lambda: self._acquire(keys=self._keys(portfolio_id), args=[holder, int(ttl * 1000)])))
+        keys = self._keys(portfolio_id)
+        token = int(self._call(lambda: self._acquire(keys=keys, args=[holder, self._ms(ttl)])))
         return token if token > 0 else None
 
     def renew(self, portfolio_id: str, holder: str, token: int, ttl: float) -> bool:
         keys = self._keys(portfolio_id)[:1]
-        return bool(self._call(lambda: self._renew(keys=keys, args=[f"{holder}|{token}", int(ttl * 1000)])))
+        return bool(self._call(lambda: self._renew(keys=keys, args=[f"{holder}|{token}", self._ms(ttl)])))
 
     def release(self, portfolio_id: str, holder: str, token: int) -> None:
         keys = self._keys(portfolio_id)[:1]
@@ -102,6 +135,15 @@ class RedisLeases:
         value = self._call(lambda: self._client.get(self._keys(portfolio_id)[0]))
         return str(value).rsplit("|", 1)[0] if value else None
 
+    def heartbeat(self, holder: str, ttl: float) -> int:
+        return int(self._call(lambda: self._heartbeat(keys=[MEMBERS_KEY], args=[holder, self._ms(ttl)])))
+
+    def leave(self, holder: str) -> None:
+        self._call(lambda: self._client.zrem(MEMBERS_KEY, holder))
+
+    def ping(self) -> None:
+        self._call(self._client.ping)
+
     def close(self) -> None:
         self._client.close()
 
@@ -110,16 +152,18 @@ class SQLiteLeases:
     """Leases for instances on one host; time is the host's clock, which all of them share."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
         self._lock = threading.Lock()
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             self._db.execute("pragma journal_mode=wal")
             self._db.execute(
                 "create table if not exists leases (pid text primary key, holder text, token integer, expires real)"
             )
             self._db.execute("create table if not exists lease_seq (pid text primary key, token integer)")
-        except sqlite3.Error as exc:
+            self._db.execute("create table if not exists members (holder text primary key, expires real)")
+        except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"lease store {path} is unusable: {exc}") from None
 
     def _tx(self, fn: Any) -> Any:
@@ -134,7 +178,7 @@ class SQLiteLeases:
                 self._db.execute("commit")
                 return out
             except sqlite3.Error as exc:
-                raise StoreError(f"lease store failed: {exc}") from None
+                raise StoreError(f"lease store {self._path} failed: {exc}") from None
 
     def acquire(self, portfolio_id: str, holder: str, ttl: float) -> int | None:
         def run(db: sqlite3.Connection) -> int | None:
@@ -174,11 +218,32 @@ class SQLiteLeases:
         )
 
     def holder(self, portfolio_id: str) -> str | None:
-        row = self._db.execute("select holder, expires from leases where pid=?", (portfolio_id,)).fetchone()
-        return str(row[0]) if row and row[1] > time.time() else None
+        def run(db: sqlite3.Connection) -> str | None:
+            row = db.execute("select holder, expires from leases where pid=?", (portfolio_id,)).fetchone()
+            return str(row[0]) if row and row[1] > time.time() else None
+
+        result: str | None = self._tx(run)
+        return result
+
+    def heartbeat(self, holder: str, ttl: float) -> int:
+        def run(db: sqlite3.Connection) -> int:
+            now = time.time()
+            db.execute("delete from members where expires <= ?", (now,))
+            db.execute("insert or replace into members values (?, ?)", (holder, now + ttl))
+            return int(db.execute("select count(*) from members").fetchone()[0])
+
+        result: int = self._tx(run)
+        return result
+
+    def leave(self, holder: str) -> None:
+        self._tx(lambda db: db.execute("delete from members where holder=?", (holder,)))
+
+    def ping(self) -> None:
+        self._tx(lambda db: db.execute("select count(*) from leases").fetchone())
 
     def close(self) -> None:
-        self._db.close()
+        with self._lock:
+            self._db.close()
 
 
 def open_leases(redis_url: str | None, state_dir: Path) -> LeaseStore:

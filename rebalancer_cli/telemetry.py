@@ -119,6 +119,28 @@ def span(name: str, **attributes: Any) -> Iterator[None]:
 
 # --- logs --------------------------------------------------------------------------------------------
 
+# Values that must never appear in a log line (API keys and secrets read from the environment). Log events are
+# built from our own fields, but an exception message from a library may quote a request; the formatters
+# replace every registered value as the last step, whatever produced the text.
+_SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
+MIN_SECRET_LENGTH = 6  # shorter values would redact ordinary words; no real credential is that short
+
+
+def register_secret(value: str) -> None:
+    if len(value) >= MIN_SECRET_LENGTH:
+        with _SECRETS_LOCK:
+            _SECRETS.add(value)
+
+
+def redact(text: str) -> str:
+    with _SECRETS_LOCK:
+        secrets = sorted(_SECRETS, key=len, reverse=True)
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
 
 class JsonFormatter(logging.Formatter):
     """One event per line, for log shippers: time, level, event, and the structured fields we attached."""
@@ -134,7 +156,8 @@ class JsonFormatter(logging.Formatter):
             event.update(fields)
         if record.exc_info and record.exc_info[1] is not None:
             event["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
-        return json.dumps(event, default=str)
+            event["traceback"] = self.formatException(record.exc_info)  # a bug: the stack is what fixes it
+        return redact(json.dumps(event, default=str))
 
 
 class TextFormatter(logging.Formatter):
@@ -142,7 +165,10 @@ class TextFormatter(logging.Formatter):
         fields = getattr(record, "fields", None) or {}
         extra = " ".join(f"{k}={v}" for k, v in fields.items())
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S")
-        return f"{stamp} {record.levelname.lower():7} {record.getMessage()}" + (f" {extra}" if extra else "")
+        line = f"{stamp} {record.levelname.lower():7} {record.getMessage()}" + (f" {extra}" if extra else "")
+        if record.exc_info and record.exc_info[1] is not None:
+            line += "\n" + self.formatException(record.exc_info)
+        return redact(line)
 
 
 def setup_logging(fmt: str = "auto", level: str = "info") -> logging.Logger:
@@ -203,5 +229,6 @@ class MetricsServer:
         return self
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self._thread.is_alive():  # shutdown() waits for serve_forever, forever if it never started
+            self.server.shutdown()
         self.server.server_close()
