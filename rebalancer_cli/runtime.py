@@ -64,13 +64,28 @@ def check_skew(config: Config, snapshot: Snapshot) -> None:
         )
 
 
-def take_snapshot(config: Config, state: PlannerState | None = None) -> Snapshot:
+def take_snapshot(config: Config, state: PlannerState | None = None, *, full_books: bool = False) -> Snapshot:
+    """One consistent picture from the exchange; refused (exit 5) when its parts are too far apart in time.
+
+    `full_books` reads every market's book, not only those the planner's screen selects, for a snapshot
+    that is saved to replay any decision later."""
     exchange = open_exchange(config)
     try:
-        snapshot = exchange.fetch_snapshot(config, state)
+        snapshot = exchange.fetch_snapshot(config, state, full_books=full_books)
     finally:
         exchange.close()
     check_skew(config, snapshot)
+    return snapshot
+
+
+def save_live_snapshot(config_path: Path, out: Path) -> Snapshot:
+    """`rebalance snapshot`: what the exchange shows now, with every market's full book, written atomically
+    in the snapshot file format, so that `plan --snapshot` replays the decision exactly."""
+    from .snapshot import save_snapshot
+
+    config = load_config(config_path)
+    snapshot = take_snapshot(config, full_books=True)
+    save_snapshot(snapshot, out)
     return snapshot
 
 

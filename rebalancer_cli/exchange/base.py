@@ -58,9 +58,12 @@ class Exchange(Protocol):
     settle_window: float  # seconds after which an order the exchange does not know can no longer appear
     calls: Counter[str]  # API calls by endpoint, for telemetry and benchmarks
 
-    def fetch_snapshot(self, config: Config, state: PlannerState | None = None) -> Snapshot:
+    def fetch_snapshot(
+        self, config: Config, state: PlannerState | None = None, *, full_books: bool = False
+    ) -> Snapshot:
         """One consistent picture for the portfolio: balances, top of book for all its markets, full books
-        only where the planner's cheap screen says a trade is possible."""
+        only where the planner's cheap screen says a trade is possible (every market with `full_books`, for a
+        snapshot saved to replay decisions)."""
         ...
 
     def fetch_balances(self) -> tuple[dict[str, Decimal], dict[str, Decimal]]:

@@ -10,9 +10,11 @@ cut off by a circuit breaker when the exchange is unhealthy.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import re
@@ -71,10 +73,19 @@ _LEAN_OPTIONS: dict[str, Any] = {
 }
 _FILTER_FAILURE = re.compile(r"filter failure|MIN_NOTIONAL|NOTIONAL|LOT_SIZE|PRICE_FILTER|MARKET_LOT_SIZE", re.I)
 _DUPLICATE = re.compile(r"duplicate order", re.I)
+# Binance's key/signature refusals (-2014, -2015, -1022). ccxt raises -2015 as DDoSProtection once a private
+# call of the same client object has succeeded (it reads a revoked key as an IP ban); retrying it as a rate
+# limit would hammer the exchange with a dead key, so the text decides, whatever the class.
+_AUTH_REFUSAL = re.compile(
+    r"\"code\":\s*-(2014|2015|1022)\b|Invalid API-key|API-key format invalid|Signature for this request", re.I
+)
 
 
 def to_decimal(value: Any, what: str = "value") -> Decimal | None:
-    """A ccxt number (a string with number=str) as a Decimal; None stays None; junk is an exchange error."""
+    """A ccxt number (a string with number=str) as a Decimal; None stays None; junk is an exchange error.
+
+    Trailing zeros are dropped (Binance writes "0.00001000"): the value is the same, and a plan or a saved
+    snapshot then reads exactly as one planned from a snapshot file, so the two can be compared as text."""
     if value is None or value == "":
         return None
     try:
@@ -83,7 +94,13 @@ def to_decimal(value: Any, what: str = "value") -> Decimal | None:
         raise ExchangeError(f"exchange sent a {what} that is not a number: {str(value)[:40]!r}") from None
     if not d.is_finite():
         raise ExchangeError(f"exchange sent a non-finite {what}: {value!r}")
-    return d
+    return canonical(d)
+
+
+def canonical(d: Decimal) -> Decimal:
+    """The same value without trailing zeros, and never in exponent form (1E+2 reads as a typo)."""
+    n = d.normalize()
+    return n.quantize(Decimal(1)) if n.as_tuple().exponent > 0 else n  # type: ignore[operator]
 
 
 def _required(value: Any, what: str) -> Decimal:
@@ -128,6 +145,8 @@ class CcxtExchange:
         self._secrets = tuple(s for s in secrets if s)
         self._book_limit = book_limit
         self._markets_loaded = False
+        # ccxt logs every request with its headers (the API key) at debug level: format and scrub first
+        client.logger = _ScrubbingLogger(self._scrub)
         # an order request older than the exchange's receive window is refused: after that, "unknown" is final
         self.settle_window = float(client.options.get("recvWindow", 10_000)) / 1000 + 1.0
         self._account_fees: dict[str, Decimal] | None = None
@@ -169,6 +188,15 @@ class CcxtExchange:
                 "options": options,
             }
         )
+        missing = sorted(
+            f for f, needed in (client.requiredCredentials or {}).items() if needed and f not in credentials
+        )
+        if missing:
+            # fail before any request: otherwise markets load and the first private call refuses, less clearly
+            raise CredentialsError(
+                f"{ex.id} needs the credential(s) {', '.join(missing)}: name the environment variables "
+                "holding them in exchange.credentials_env"
+            )
         if ex.sandbox:
             client.set_sandbox_mode(True)
         api_url = os.environ.get("REBALANCE_EXCHANGE_API_URL") or ex.api_url
@@ -224,6 +252,8 @@ class CcxtExchange:
     def _map(self, exc: Exception) -> RebalanceError:
         """ccxt's exception classes into ours; the order of the checks matters (subclasses first)."""
         message = self._scrub(f"{self.id}: {type(exc).__name__}: {exc}")
+        if _AUTH_REFUSAL.search(str(exc)):
+            return ExchangeAuthError(message)
         if isinstance(exc, ccxt.RateLimitExceeded | ccxt.DDoSProtection):
             retry_after = self._retry_after()
             if retry_after:
@@ -337,13 +367,18 @@ class CcxtExchange:
         fees: dict[str, Decimal] = {}
         if self.client.has.get("fetchTradingFees") and self.client.apiKey:
             try:
-                raw = self._call("fetch_trading_fees", lambda: self.client.fetch_trading_fees(), retry=False)
+                raw = self._call("fetch_trading_fees", lambda: self.client.fetch_trading_fees())
                 for symbol, entry in (raw or {}).items():
                     taker = to_decimal((entry or {}).get("taker"), "taker fee")
                     if taker is not None and taker >= 0:
                         fees[symbol] = taker
+            except ExchangeAuthError:
+                # a refused key is reported by the balance read that follows; remembering "no account fees"
+                # for hours would outlive the fix of the key or its permissions
+                self._account_fees = {}
+                return self._account_fees
             except NonRetryableExchangeError:
-                fees = {}  # not permitted or not supported for this account: fall back to config/defaults
+                fees = {}  # not supported for this account: fall back to config/defaults
         self._account_fees = fees
         self._cache_put("fees", {k: str(v) for k, v in fees.items()})
         return fees
@@ -383,12 +418,19 @@ class CcxtExchange:
                 raise ExchangeError(f"{self.id} reports a negative {asset} balance ({d})")
         return free, locked
 
-    def fetch_snapshot(self, config: Config, state: PlannerState | None = None) -> Snapshot:
+    def fetch_snapshot(
+        self, config: Config, state: PlannerState | None = None, *, full_books: bool = False
+    ) -> Snapshot:
+        """Balances (one call), best bid/ask of every market (one call), then full books only where the
+        planner's cheap screen says a trade is possible; `full_books` reads every market's book, so that a
+        saved snapshot replays any decision exactly. Slow-moving parts (markets, fees, volatility) come
+        from the cache and are read before the clock starts, so they never widen the skew."""
         quote = config.quote_symbol
         symbols = [f"{a.symbol}/{quote}" for a in config.assets if a.symbol != quote]
         self._ensure_markets()
         infos = {s: self._market_info(s) for s in symbols}
         vols = {s: self._volatility(s) for s in symbols}
+        fees = {s: self._taker_fee(s, infos[s]) for s in symbols}
         started = time.monotonic()
         taken_at = datetime.now(UTC)
         free, locked = self.fetch_balances()
@@ -396,7 +438,7 @@ class CcxtExchange:
         markets: dict[str, Market] = {}
         for s in symbols:
             info = infos[s]
-            fee, source = self._taker_fee(s, info)
+            fee, source = fees[s]
             bids, asks = tops[s]
             markets[s] = Market(
                 symbol=s,
@@ -411,32 +453,21 @@ class CcxtExchange:
                 fee_source=source,
             )
         assets = {a.symbol for a in config.assets}
-        provisional = Snapshot(
-            taken_at=taken_at,
-            balances={k: v for k, v in free.items() if k in assets},
-            markets=markets,
-            locked={k: v for k, v in locked.items() if k in assets},
-        )
-        for s in sorted(needs_book(config, provisional, state, now=taken_at)):
+        balances = {k: v for k, v in free.items() if k in assets}
+        held = {k: v for k, v in locked.items() if k in assets}
+        if full_books:
+            with_book = list(symbols)
+        else:
+            provisional = Snapshot(taken_at=taken_at, balances=balances, markets=markets, locked=held)
+            with_book = sorted(needs_book(config, provisional, state, now=taken_at))
+        for s in with_book:
             bids, asks = self._book(s)
-            old = markets[s]
-            markets[s] = Market(
-                symbol=s,
-                base=old.base,
-                quote=old.quote,
-                taker_fee=old.taker_fee,
-                amount_step=old.amount_step,
-                min_notional=old.min_notional,
-                bids=bids,
-                asks=asks,
-                volatility=old.volatility,
-                fee_source=old.fee_source,
-            )
+            markets[s] = dataclasses.replace(markets[s], bids=bids, asks=asks)
         return Snapshot(
             taken_at=taken_at,
-            balances=provisional.balances,
+            balances=balances,
             markets=markets,
-            locked=provisional.locked,
+            locked=held,
             skew_seconds=time.monotonic() - started,
             source=f"{self.id}",
         )
@@ -587,6 +618,34 @@ class CcxtExchange:
             fees=fees,
             fills=fills,
         )
+
+
+class _ScrubbingLogger:
+    """Stands in for ccxt's logger: an application that turns on debug logging must not get our keys."""
+
+    def __init__(self, scrub: Callable[[str], str]) -> None:
+        self._scrub = scrub
+        self._log = logging.getLogger("rebalancer_cli.exchange.wire")
+
+    def _emit(self, level: int, msg: object, args: tuple[object, ...]) -> None:
+        if self._log.isEnabledFor(level):
+            try:
+                text = str(msg) % args if args else str(msg)
+            except (TypeError, ValueError):  # a log line must never break a request
+                text = " ".join(map(str, (msg, *args)))
+            self._log.log(level, "%s", self._scrub(text))
+
+    def debug(self, msg: object, *args: object, **_: object) -> None:
+        self._emit(logging.DEBUG, msg, args)
+
+    def info(self, msg: object, *args: object, **_: object) -> None:
+        self._emit(logging.INFO, msg, args)
+
+    def warning(self, msg: object, *args: object, **_: object) -> None:
+        self._emit(logging.WARNING, msg, args)
+
+    def error(self, msg: object, *args: object, **_: object) -> None:
+        self._emit(logging.ERROR, msg, args)
 
 
 def _fill(t: Mapping[str, Any]) -> FillInfo:
