@@ -10,12 +10,13 @@ the audit store; the next run settles it from the exchange before planning anew.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal
 from typing import Any
 
 from . import failpoints
@@ -29,10 +30,11 @@ from .errors import (
     HaltedError,
     NonRetryableExchangeError,
     OrderAlreadyPlacedError,
+    OrderNotFoundError,
     RefusedError,
     RetryableExchangeError,
 )
-from .exchange.base import Exchange, OrderResult
+from .exchange.base import Exchange, FillInfo, OrderResult
 from .ledger.base import ShadowLedger
 from .planner import Plan, PlannerState, Trade, round_down
 from .planner import plan as make_plan
@@ -190,14 +192,23 @@ class Executor:
             self._emit(o)
         try:
             self._execute(plan, snapshot, report)
-        finally:
+        except BaseException:
+            # A store or the exchange failed mid-cycle: the outcomes still read "locked" or "sent", so the report's
+            # status would say "done". Record the plan as interrupted (best effort: the original error is what the
+            # operator must see) and remember what did trade, for the cooldown.
             executed = {o.symbol for o in report.outcomes if o.filled > 0}
-            if executed:
-                report.drift_after = self._realized_drift(plan, snapshot)
-            else:
-                report.drift_after = plan.summary.drift_before
-            self.audit.finish_plan(plan.plan_id, report.status, report.drift_after, self.clock())
-            self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
+            with contextlib.suppress(Exception):
+                self.audit.finish_plan(plan.plan_id, "interrupted", None, self.clock())
+            with contextlib.suppress(Exception):
+                self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
+            raise
+        executed = {o.symbol for o in report.outcomes if o.filled > 0}
+        if executed:
+            report.drift_after = self._realized_drift(plan, snapshot)
+        else:
+            report.drift_after = plan.summary.drift_before
+        self.audit.finish_plan(plan.plan_id, report.status, report.drift_after, self.clock())
+        self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
         return report
 
     def check_halt(self) -> None:
@@ -390,19 +401,29 @@ class Executor:
         existing = self.audit.order(key)
         if existing is None:
             return False
-        if existing.status.terminal:
-            outcome.reason = f"already executed earlier ({existing.status})"
+        outcome.filled = existing.filled
+        if existing.status == OrderStatus.FILLED:
+            outcome.status, outcome.reason = "skipped", "already executed earlier"
+        elif existing.status.terminal:
+            # its key is spent: this plan can no longer carry the trade out, and must not look as if it had
+            outcome.status = "rejected"
+            outcome.reason = f"{existing.status} in an earlier run and cannot be sent again under its key: plan again"
         else:
+            outcome.status = "unknown"
             outcome.reason = f"in flight in another run ({existing.status}); the next run settles it"
-        outcome.status, outcome.filled = "skipped", existing.filled
         self._emit(outcome)
         return True
 
     def _fit_buy(self, trade: Trade, snapshot: Snapshot) -> Decimal:
-        """Size a buy against the quote the ledger says is free now, after the sells really settled."""
+        """Size a buy against the quote the ledger says is free now, after the sells really settled.
+
+        The buy shrinks only when the quote does not cover its estimated cost; the price buffer of the lock is
+        taken from what is left over, never from the buy (else a portfolio without spare quote would end every
+        cycle a few percent short of its targets).
+        """
         market = snapshot.markets[trade.market]
         available = self.ledger.available(self.pid, market.quote)
-        need = (trade.notional + trade.est_fee) * (1 + BUY_LOCK_BUFFER)
+        need = trade.notional + trade.est_fee
         if need <= available:
             return trade.amount
         amount = round_down(trade.amount * available / need, market.amount_step)
@@ -417,8 +438,12 @@ class Executor:
         base, quote = trade.market.split("/")
         if trade.side == "sell":
             return base, amount
-        price = trade.est_price
-        return quote, (amount * price * (1 + fee) * (1 + BUY_LOCK_BUFFER)).quantize(Decimal("1e-8"))
+        wanted = amount * trade.est_price * (1 + fee)
+        buffered = (wanted * (1 + BUY_LOCK_BUFFER)).quantize(Decimal("1e-8"), rounding=ROUND_UP)
+        available = self.ledger.available(self.pid, quote)
+        if buffered > available >= wanted:
+            return quote, available
+        return quote, buffered
 
     def _send(self, market: str, side: str, amount: Decimal, key: str) -> OrderResult:
         """Send once; on an unknown outcome look up by client order id, re-send (same id) only if unknown."""
@@ -426,25 +451,34 @@ class Executor:
             failpoints.hit("during_send")
             try:
                 return self.exchange.create_market_order(market, side, amount, key)
-            except OrderAlreadyPlacedError:
-                found = self.exchange.fetch_order(market, key)
+            except OrderAlreadyPlacedError as exc:
+                found = self._lookup(market, key, exc, settle=False)
                 if found is not None:
                     return found
                 raise ExchangeError(f"exchange says order {key} exists but cannot find it") from None
-            except RetryableExchangeError:
-                found = self._lookup_settled(market, key)
+            except RetryableExchangeError as exc:
+                found = self._lookup(market, key, exc, settle=True)
                 if found is not None:
                     return found
                 if attempt == MAX_SENDS:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _lookup_settled(self, market: str, key: str) -> OrderResult | None:
-        found = self.exchange.fetch_order(market, key)
-        if found is None and self.settle_window > 0:
-            # the request may still be in flight: once the exchange's receive window passed, absence is final
-            self.sleep(self.settle_window)
+    def _lookup(self, market: str, key: str, cause: ExchangeError, *, settle: bool) -> OrderResult | None:
+        """Find an order whose outcome is unknown; the exchange may still execute one in flight until its
+        receive window passed, so with `settle` a missing order is looked up again after that window.
+
+        A lookup refused on its merits (permissions, a bad symbol) says nothing about the order: it must not
+        pass for a refusal of the order itself, which would release its lock and close it as rejected while it
+        may have traded. It is raised as an unknown outcome instead, for the next run to settle.
+        """
+        try:
             found = self.exchange.fetch_order(market, key)
+            if found is None and settle and self.settle_window > 0:
+                self.sleep(self.settle_window)
+                found = self.exchange.fetch_order(market, key)
+        except NonRetryableExchangeError as exc:
+            raise ExchangeError(f"order {key}: outcome unknown after {cause}; looking it up failed: {exc}") from exc
         return found
 
     # -- settling ---------------------------------------------------------------------------------------------
@@ -455,7 +489,9 @@ class Executor:
         if not result.is_final:
             # market orders should never rest; a live one is cancelled so nothing trades behind our back
             try:
-                self.exchange.cancel_order(intent.market, intent.key)
+                # it may have finished between the answer and the cancel: the lookup below says how
+                with contextlib.suppress(OrderNotFoundError):
+                    self.exchange.cancel_order(intent.market, intent.key)
                 refreshed = self.exchange.fetch_order(intent.market, intent.key)
                 result = refreshed or result
             except ExchangeError as exc:
@@ -463,12 +499,19 @@ class Executor:
                 o.status, o.reason = "unknown", f"order still open and could not be cancelled: {exc}"
                 self._emit(o)
                 return o
+            if not result.is_final:
+                self.audit.update_order(
+                    intent.key, OrderStatus.UNKNOWN, at=self.clock(), reason="still open after a cancel"
+                )
+                o.status, o.reason = "unknown", "order still open after a cancel; the next run settles it"
+                self._emit(o)
+                return o
         base, quote = intent.market.split("/")
         fills = list(result.fills)
-        if result.filled > 0 and not fills:
+        synthesized = result.filled > 0 and not fills
+        if synthesized:
+            # the exchange gave totals only: one fill stands for them (its price is a quotient, the books use cost)
             fee_ccy, fee = next(iter(result.fees.items()), (quote, ZERO))
-            from .exchange.base import FillInfo
-
             fills = [
                 FillInfo(
                     f"{result.exchange_order_id}-total",
@@ -481,13 +524,17 @@ class Executor:
             ]
         filled = sum((f.amount for f in fills), ZERO)
         cost = sum((f.amount * f.price for f in fills), ZERO)
-        if filled != result.filled:
+        if synthesized or filled != result.filled:
             # the fills listed do not add up to what the order says: trust the order's totals for the books
             filled, cost = result.filled, result.cost
-        for f in fills:
-            self.audit.record_fill(
-                Fill(intent.key, f.trade_id, f.amount, f.price, f.fee, f.fee_currency or quote, f.at)
-            )
+        recorded = self.audit.order(intent.key)
+        if recorded is None or recorded.filled < filled:
+            # An order reported again (a second lookup, recovery, reconcile) is stored once: fills are keyed by
+            # trade id, and a report whose fills carry other ids (totals only) adds nothing once its fills are in.
+            for f in fills:
+                self.audit.record_fill(
+                    Fill(intent.key, f.trade_id, f.amount, f.price, f.fee, f.fee_currency or quote, f.at)
+                )
         fees: dict[str, Decimal] = {}
         for f in fills:
             ccy = f.fee_currency or quote
@@ -550,8 +597,11 @@ class Executor:
             est_price=intent.est_price,
         )
         found = self.exchange.fetch_order(intent.market, intent.key)
-        if found is None:
-            age = (self.clock() - intent.created_at).total_seconds()
+        if found is None and record.status in (OrderStatus.SENT, OrderStatus.UNKNOWN):
+            # A request may still be on its way to the exchange: its absence is final only once the receive
+            # window passed since it was last sent (an intent or a lock alone never left this machine: no wait).
+            last_sent = max(intent.created_at, record.updated_at)
+            age = (self.clock() - last_sent).total_seconds()
             if age < self.settle_window:
                 self.sleep(self.settle_window - age)
                 found = self.exchange.fetch_order(intent.market, intent.key)

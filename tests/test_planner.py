@@ -6,12 +6,11 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from plan_helpers import T0, config, keys, market, snapshot
 
 from rebalancer_cli import planner as P
 from rebalancer_cli.errors import PlanningError
 from rebalancer_cli.planner import AssetMemory, PlannerState, plan
-
-from plan_helpers import T0, config, keys, market, snapshot
 
 D = Decimal
 TWO = [("BTC", "0.5", "0.2"), ("USDC", "0.5", "0.2")]

@@ -746,6 +746,7 @@ class Emulator:
         self._backoff_until = 0.0
         self._strikes = 0
         self._banned_until = 0.0
+        self._fee_asset: tuple[str, Decimal] | None = None
 
     def reset(self) -> None:
         """Back to the snapshot: balances, books, orders, counters, faults and weight. Ids keep growing."""
@@ -790,6 +791,19 @@ class Emulator:
             market.tick = _tick_for(new_bids, new_asks, market.tick)
             if new_bids and new_asks:
                 market.reference = (new_bids[0][0] + new_asks[0][0]) / 2
+
+    def set_fee_asset(self, asset: str | None, price: Decimal | str | int = 1) -> None:
+        """Charge taker fees in `asset` (as Binance does with BNB), converted at `price` quote per unit of it.
+
+        The fee is the commission on the fill's quote value divided by `price`, rounded up to 8 decimals; when
+        the account holds too little of `asset` the fee falls back to the asset received, as on Binance.
+        `None` restores the default.
+        """
+        value = _to_decimal(price, "price")
+        if value <= 0:
+            raise ValueError("the fee asset's price must be positive")
+        with self._lock:
+            self._fee_asset = (asset, value) if asset else None
 
     def free(self, asset: str) -> Decimal:
         with self._lock:
@@ -1359,7 +1373,17 @@ class Emulator:
         for fill_price, fill_qty in fills:
             _consume(book, fill_price, fill_qty)
             gross_quote = fill_price * fill_qty
-            if side == "BUY":
+            third = self._third_party_fee(market, gross_quote)
+            if third is not None:
+                fee_asset, fee = third
+                self._balances[fee_asset].free -= fee
+                if side == "BUY":
+                    quote.free -= gross_quote
+                    base.free += fill_qty
+                else:
+                    base.free -= fill_qty
+                    quote.free += gross_quote
+            elif side == "BUY":
                 fee = _commission(fill_qty, market.taker_fee)
                 quote.free -= gross_quote
                 base.free += fill_qty - fee
@@ -1404,6 +1428,17 @@ class Emulator:
         if order.status == "FILLED":
             self._count(client_order_id, "filled")
         return order
+
+    def _third_party_fee(self, market: _Market, gross_quote: Decimal) -> tuple[str, Decimal] | None:
+        """The fee in the configured fee asset, or None when none is set or the account cannot pay it."""
+        if self._fee_asset is None:
+            return None
+        asset, price = self._fee_asset
+        fee = _commission(gross_quote / price, market.taker_fee)
+        held = self._balances.get(asset)
+        if held is None or held.free < fee:
+            return None
+        return asset, fee
 
     def _find_order(self, params: dict[str, str], market: _Market, code: int, msg: str) -> _Order:
         order_id = _param_int(params, "orderId")

@@ -1,0 +1,188 @@
+"""Files and checks shared by the execution and crash tests: a portfolio that needs a sell then a buy, its
+config for the paper exchange or the Binance emulator, and the three books (exchange, ledger, audit) side by
+side."""
+
+from __future__ import annotations
+
+import decimal
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from rebalancer_cli.testing.emulator import DEFAULT_API_KEY, DEFAULT_SECRET
+
+D = Decimal
+ASSETS = ("BTC", "ETH", "USDC")
+# BTC is overweight and ETH underweight: every plan sells BTC first, then buys ETH with what it freed
+OPENING = {"BTC": D("1.5"), "ETH": D("5"), "USDC": D("30000")}
+CREDENTIALS_ENV = {"EMU_API_KEY": DEFAULT_API_KEY, "EMU_SECRET": DEFAULT_SECRET}
+
+
+def levels(best: str, step: str, amount: str, n: int = 12) -> list[list[str]]:
+    return [[str(D(best) + i * D(step)), amount] for i in range(n)]
+
+
+BOOKS: dict[str, dict[str, Any]] = {
+    "BTC/USDC": {
+        "taker_fee": "0.001",
+        "amount_step": "0.00001",
+        "min_notional": "5",
+        "volatility": "0.03",
+        "bids": levels("64995", "-10", "2"),
+        "asks": levels("65005", "10", "2"),
+    },
+    "ETH/USDC": {
+        "taker_fee": "0.001",
+        "amount_step": "0.0001",
+        "min_notional": "5",
+        "volatility": "0.04",
+        "bids": levels("3399.5", "-0.5", "20"),
+        "asks": levels("3400.5", "0.5", "20"),
+    },
+}
+
+
+def write_snapshot(
+    path: Path,
+    balances: dict[str, Decimal] | None = None,
+    books: dict[str, dict[str, Any]] | None = None,
+) -> Path:
+    doc = {
+        "taken_at": "2026-11-27T10:00:00Z",
+        "balances": {k: str(v) for k, v in (balances or OPENING).items()},
+        "markets": books or BOOKS,
+    }
+    path.write_text(json.dumps(doc, indent=1))  # JSON is YAML; every number travels as a string
+    return path
+
+
+def write_config(
+    directory: Path,
+    portfolio_id: str,
+    exchange: dict[str, Any],
+    *,
+    name: str = "portfolio.yaml",
+    targets: Sequence[tuple[str, str, str]] = (("BTC", "0.4", "0.05"), ("ETH", "0.3", "0.05"), ("USDC", "0.3", "0.02")),
+    **extra: Any,
+) -> Path:
+    lines = [
+        f'portfolio_id: "{portfolio_id}"',
+        "base_threshold: 0.001",
+        "volatility_factor: 0.5",
+        "safety_margin: 1.5",
+        "max_trades_per_cycle: 10",
+        "assets:",
+        *(f'  - {{symbol: "{s}", target_weight: {w}, max_deviation: {m}}}' for s, w, m in targets),
+        f"exchange: {json.dumps(exchange)}",
+        f"state_dir: {json.dumps(str(directory / 'state'))}",
+        *(f"{k}: {json.dumps(v) if isinstance(v, str) else v}" for k, v in extra.items()),
+    ]
+    path = directory / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def emulator_exchange(url: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": "binance",
+        "api_url": url,
+        "credentials_env": {"apiKey": "EMU_API_KEY", "secret": "EMU_SECRET"},
+        # a short receive window keeps the settle waits of recovery short (ccxt sends it with every request)
+        "options": {"recvWindow": 1000},
+        **extra,
+    }
+
+
+def stores(backend: str, redis_url: str | None = None, database_url: str | None = None) -> dict[str, str]:
+    """Config keys of a store backend: `sqlite` (embedded default) or `redis+postgres`."""
+    if backend == "sqlite":
+        return {}
+    assert redis_url and database_url
+    return {"redis_url": redis_url, "database_url": database_url}
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **CREDENTIALS_ENV, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "rebalancer_cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
+
+
+# --- the three books --------------------------------------------------------------------------------
+
+
+def emulator_holdings(state: dict[str, Any], assets: Iterable[str] = ASSETS) -> dict[str, Decimal]:
+    balances = state["balances"]
+    return {a: D(balances[a]["free"]) + D(balances[a]["locked"]) if a in balances else D(0) for a in assets}
+
+
+def ledger_holdings(config_path: Path, assets: Iterable[str] = ASSETS) -> dict[str, Decimal]:
+    from rebalancer_cli.config import load_config
+    from rebalancer_cli.runtime import open_ledger_for
+
+    config = load_config(config_path)
+    ledger = open_ledger_for(config)
+    try:
+        assert ledger.locks(config.portfolio_id) == [], "no lock may outlive its order"
+        held = ledger.balances(config.portfolio_id)
+    finally:
+        ledger.close()
+    return {a: held.get(a, D(0)) for a in assets}
+
+
+def audit_holdings(
+    config_path: Path, opening: dict[str, Decimal], assets: Iterable[str] = ASSETS
+) -> dict[str, Decimal]:
+    """The opening balances moved by every fill and fee the audit trail recorded."""
+    from rebalancer_cli.config import load_config
+    from rebalancer_cli.runtime import open_audit_for
+
+    config = load_config(config_path)
+    audit = open_audit_for(config)
+    try:
+        records = audit.recent_orders(config.portfolio_id, 1000)
+    finally:
+        audit.close()
+    out = {a: opening.get(a, D(0)) for a in assets}
+    ctx = decimal.Context(prec=80)
+    for r in records:
+        if r.filled == 0:
+            continue
+        assert r.avg_price is not None
+        base, quote = r.intent.market.split("/")
+        # avg_price is notional / filled to 50 digits; real notionals here have at most 16 decimals, so
+        # rounding filled * avg_price to 1e-20 gives the recorded notional back exactly
+        notional = ctx.multiply(r.filled, r.avg_price).quantize(D("1e-20")).normalize()
+        sign = 1 if r.intent.side == "buy" else -1
+        out[base] = out.get(base, D(0)) + sign * r.filled
+        out[quote] = out.get(quote, D(0)) - sign * notional
+        for ccy, fee in r.fees.items():
+            out[ccy] = out.get(ccy, D(0)) - fee
+    return {a: out[a] for a in assets}
+
+
+def assert_books_agree(config_path: Path, state: dict[str, Any], opening: dict[str, Decimal]) -> dict[str, Decimal]:
+    """Exchange, shadow ledger and audit trail hold exactly the same amounts; returns them."""
+    exchange = emulator_holdings(state)
+    assert ledger_holdings(config_path) == exchange
+    assert audit_holdings(config_path, opening) == exchange
+    return exchange
+
+
+def order_counts(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = stats["orders"]
+    return counts
+
+
+def assert_each_key_filled_at_most_once(stats: dict[str, Any]) -> None:
+    for key, c in order_counts(stats).items():
+        assert c["accepted"] <= 1 and c["filled"] <= 1, f"idempotency key {key} traded twice: {c}"
