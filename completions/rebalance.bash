@@ -14,7 +14,9 @@ _rebalance() {
 }
 _rebalance_words() {
   case "$1" in
-    "") subs="config-schema daemon db execute halt history plan reconcile resume validate-config"; words="config-schema daemon db execute halt history plan reconcile resume validate-config --help -h"; fileopts="" ;;
+    "") subs="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config"; words="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config --help -h"; fileopts="" ;;
+    "backtest") subs="generate"; words="generate --config -c --prices --policy -p --compare --json --chart --spread-bps --depth --levels --fee --initial-value --calendar-period --help -h"; fileopts="--config -c --prices --chart" ;;
+    "backtest generate") subs=""; words="--output -o --regime --steps --step --seed --asset --help -h"; fileopts="--output -o" ;;
     "config-schema") subs=""; words="--help -h"; fileopts="" ;;
     "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --otlp-endpoint --help -h"; fileopts="--config -c" ;;
     "db") subs="migrate"; words="migrate --help -h"; fileopts="" ;;
@@ -25,6 +27,7 @@ _rebalance_words() {
     "plan") subs=""; words="--config -c --snapshot --json --detailed-exitcode --help -h"; fileopts="--config -c --snapshot" ;;
     "reconcile") subs=""; words="--config -c --repair --json --help -h"; fileopts="--config -c" ;;
     "resume") subs=""; words="--config -c --help -h"; fileopts="--config -c" ;;
+    "snapshot") subs=""; words="--config -c --output -o --help -h"; fileopts="--config -c --output -o" ;;
     "validate-config") subs=""; words="--json --help -h"; fileopts="" ;;
     *) subs=""; words=""; fileopts="" ;;
   esac

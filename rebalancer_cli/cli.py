@@ -245,7 +245,12 @@ def _live_view(*, enabled: bool) -> tuple[Any, Any]:
             t.add_column(col)
         for o in rows.values():
             t.add_row(
-                o.market, o.side, str(o.amount), o.status, str(o.filled), f"{o.avg_price:,.2f}" if o.avg_price else ""
+                o.market,
+                o.side,
+                _amount(str(o.amount)),
+                o.status,
+                _amount(str(o.filled)),
+                _price(str(o.avg_price)) if o.avg_price else "",
             )
         return t
 
@@ -266,6 +271,7 @@ def _errc() -> Console:
 
 
 def render_report(console: Console, report: Any) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     d = report.to_dict()
@@ -273,27 +279,54 @@ def render_report(console: Console, report: Any) -> None:
         if not orders:
             continue
         t = Table(title=title, title_justify="left")
-        for col in ("side", "market", "amount", "status", "filled", "avg price", "fees", "reason"):
-            t.add_column(col, no_wrap=col != "reason")
-        for o in orders:
-            fees = ", ".join(f"{v} {k}" for k, v in o["fees"].items())
+        for col in ("#", "side", "market", "amount", "status", "filled", "avg price", "fees"):
+            # a number too wide for the terminal folds onto a second line: a number cut short would mislead
+            t.add_column(col, no_wrap=col in ("#", "side", "status"), overflow="fold")
+        reasons: list[str] = []
+        for i, o in enumerate(orders, 1):
+            fees = ", ".join(f"{_amount(v)} {k}" for k, v in o["fees"].items())
             t.add_row(
+                str(i),
                 o["side"],
                 o["market"],
-                o["amount"],
+                _amount(o["amount"]),
                 o["status"],
-                o["filled"],
-                _num(o["avg_price"]) if o["avg_price"] else "",
+                _amount(o["filled"]),
+                _price(o["avg_price"]) if o["avg_price"] else "",
                 fees,
-                o["reason"],
             )
+            if o["reason"]:
+                reasons.append(f"  {i}. {escape(o['reason'])}")  # exchange text, not markup
         console.print(t)
+        for line in reasons:
+            console.print(line)
     if not d["orders"]:
         console.print("No trades: nothing is worth its cost right now.")
     before, after = d["drift_before"], d["drift_after"]
     console.print(f"status {d['status']} · drift {_pct(before) if before else '?'} -> {_pct(after) if after else '?'}")
     for note in d["notes"]:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _amount(text: str) -> str:
+    """An exact amount without trailing zeros, at most 8 decimals (what exchanges show); exact in --json."""
+    from decimal import ROUND_HALF_EVEN, Decimal
+
+    d = Decimal(text).quantize(Decimal("1e-8"), rounding=ROUND_HALF_EVEN)
+    out = format(d, "f")
+    return out.rstrip("0").rstrip(".") if "." in out else out
+
+
+def _price(text: str) -> str:
+    """Prices keep their significant digits: 2 decimals hide everything about a price of 0.00001234."""
+    from decimal import Decimal
+
+    d = Decimal(text)
+    if abs(d) >= 1000:
+        return f"{d:,.2f}"
+    if abs(d) >= 1:
+        return f"{d:,.4f}"
+    return _amount(format(d, "f")) if d else "0"
 
 
 @app.command("halt", epilog='Example: rebalance halt --config examples/treasury.yaml --reason "exchange incident"')
@@ -428,8 +461,13 @@ def daemon_cmd(
     setup_logging(log_format, log_level)
     raise typer.Exit(
         run_daemon(
-            config, metrics_port=metrics_port, metrics_host=metrics_host, instance_id=instance_id,
-            lease_ttl=lease_ttl, workers=workers, otlp_endpoint=otlp_endpoint,
+            config,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            instance_id=instance_id,
+            lease_ttl=lease_ttl,
+            workers=workers,
+            otlp_endpoint=otlp_endpoint,
         )
     )
 
@@ -454,6 +492,242 @@ def db_migrate_cmd(
 
     applied = migrate(config, database_url)
     _out().print(f"applied {', '.join(applied)}" if applied else "audit store already at the current schema")
+
+
+# --- snapshot ------------------------------------------------------------------------------------
+
+
+@app.command(
+    "snapshot",
+    epilog="Example: rebalance snapshot --config portfolio.yaml -o incident.yaml, then "
+    "rebalance plan --config portfolio.yaml --snapshot incident.yaml replays the decision",
+)
+def snapshot_cmd(
+    config: ConfigOpt,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Snapshot file to write (YAML, atomically).", show_default=False)
+    ],
+) -> None:
+    """Save balances, fees, volatility and every market's full book, for `plan --snapshot` to replay."""
+    from .runtime import save_live_snapshot
+
+    snap = save_live_snapshot(config, output)
+    _out().print(
+        f"{output}: {len(snap.markets)} markets, {len(snap.balances)} balances, taken at "
+        f"{snap.taken_at:%Y-%m-%d %H:%M:%S}Z ({snap.skew_seconds:.3f}s apart)"
+    )
+
+
+# --- backtest ------------------------------------------------------------------------------------------
+
+backtest_app = typer.Typer(
+    help="Replay a price history through the planner and paper fills; compare policies' cost and drift.",
+    invoke_without_command=True,
+)
+app.add_typer(backtest_app, name="backtest")
+
+
+def _decimal_opt(flag: str, text: str | None) -> Any:
+    from decimal import Decimal, InvalidOperation
+
+    from .errors import InputError
+
+    if text is None:
+        return None
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        raise InputError(f"{flag} {text!r}: must be a number") from None
+    if not value.is_finite() or value < 0:
+        raise InputError(f"{flag} {text!r}: must be a finite number of at least 0")
+    return value
+
+
+@backtest_app.callback(
+    invoke_without_command=True,
+    epilog="Example: rebalance backtest --config examples/treasury.yaml --prices examples/prices.csv --compare",
+)
+def backtest_cmd(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Portfolio config (YAML); required.", show_default=False)
+    ] = None,
+    prices: Annotated[
+        Path | None,
+        typer.Option("--prices", help="Prices CSV: timestamp or date, then one close per asset; required."),
+    ] = None,
+    policy: Annotated[
+        list[str] | None,
+        typer.Option("--policy", "-p", help="Policy to replay; repeatable (default: config, the config's own)."),
+    ] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Replay every known policy side by side.")] = False,
+    as_json: JsonOpt = False,
+    chart: Annotated[
+        Path | None, typer.Option("--chart", help="Write a PNG of drift and cumulative cost (needs matplotlib).")
+    ] = None,
+    spread_bps: Annotated[str | None, typer.Option("--spread-bps", help="Synthetic book spread (default 2).")] = None,
+    depth: Annotated[
+        str | None, typer.Option("--depth", help="Quote value at the best level of the book (default 50000).")
+    ] = None,
+    levels: Annotated[int | None, typer.Option("--levels", min=1, max=200, help="Book levels (default 20).")] = None,
+    fee: Annotated[
+        str | None, typer.Option("--fee", help="Taker fee, e.g. 0.001 (default: the config's exchange, else 0.001).")
+    ] = None,
+    initial_value: Annotated[
+        str, typer.Option("--initial-value", help="Starting value in quote, at target weights.")
+    ] = "100000",
+    calendar_period: Annotated[
+        str, typer.Option("--calendar-period", help="Period of the calendar policy, e.g. 7d or 30d.")
+    ] = "30d",
+) -> None:
+    """Replay a price history through the planner and paper fills; compare policies' cost and drift.
+
+    Lists the policies with --compare; `rebalance backtest generate` writes reproducible price scenarios.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from dataclasses import replace
+
+    from . import backtest as bt
+    from .errors import InputError
+    from .market_model import BookModel
+
+    if config is None or prices is None:
+        raise InputError("backtest needs --config FILE and --prices FILE (or a subcommand: generate)")
+    model = BookModel()
+    changes: dict[str, Any] = {}
+    if spread_bps is not None:
+        changes["spread_bps"] = _decimal_opt("--spread-bps", spread_bps)
+    if depth is not None:
+        changes["depth_quote"] = _decimal_opt("--depth", depth)
+    if levels is not None:
+        changes["levels"] = levels
+    if changes:
+        model = replace(model, **changes)
+    calendar_seconds = bt.parse_step(calendar_period, flag="--calendar-period", low=60, high=None)
+
+    bar: Any = None
+
+    def progress(total: int) -> bt.Progress | None:
+        nonlocal bar
+        if total < 200_000 or not sys.stderr.isatty():
+            return None
+        from rich.console import Console
+        from rich.progress import Progress
+
+        bar = Progress(console=Console(stderr=True), transient=True)
+        bar.start()
+        task = bar.add_task("backtest", total=total)
+        return lambda done: bar.advance(task, done)
+
+    try:
+        report = bt.backtest_files(
+            config,
+            prices,
+            policy_names=policy or (),
+            compare=compare,
+            book_model=model,
+            taker_fee=_decimal_opt("--fee", fee),
+            initial_value=_decimal_opt("--initial-value", initial_value),
+            calendar_seconds=calendar_seconds,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    if chart is not None:
+        bt.write_chart(report, chart)
+    if as_json:
+        _print_json(report.to_dict())
+        return
+    _render_backtest(_out(), report)
+    if chart is not None:
+        _out().print(f"chart: {chart}")
+
+
+_BACKTEST_COLUMNS = (
+    "trades",
+    "turnover",
+    "fees",
+    "slippage",
+    "total cost",
+    "drift avg",
+    "drift max",
+    "TE/yr",
+    "API calls",
+    "final value",
+)
+
+
+def _render_backtest(console: Console, report: Any) -> None:
+    from decimal import Decimal
+
+    from rich.table import Table
+
+    d = report.to_dict()
+    p = d["prices"]
+    title = (
+        f"Backtest of {d['portfolio_id']}: {p['steps']:,} steps of {p['step_seconds']}s, "
+        f"{p['start'][:10]} to {p['end'][:10]} ({d['quote']})"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("policy", no_wrap=True)
+    for col in _BACKTEST_COLUMNS:
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in d["results"]:
+        table.add_row(
+            r["policy"],
+            f"{r['trades']:,}",
+            f"{Decimal(r['turnover']):,.0f}",
+            _num(r["fees"]),
+            _num(r["slippage"]),
+            _num(r["total_cost"]),
+            _pct(r["mean_drift"]),
+            _pct(r["max_drift"]),
+            _pct(r["tracking_error"]),
+            f"{r['api_calls']:,}",
+            f"{Decimal(r['final_value']):,.0f}",
+        )
+    console.print(table)
+    m = d["market_model"]
+    fees = ", ".join(f"{s} {v['taker_fee']} ({v['fee_source']})" for s, v in m["markets"].items())
+    console.print(
+        f"book: spread {m['spread_bps']} bps, {m['levels']} levels, {_num(m['depth_quote'])} {d['quote']} at the "
+        f"best level · taker fee {fees} · drift = sum |target - weight| before trading · TE/yr = annualized "
+        "tracking error against the portfolio kept at target"
+    )
+
+
+@backtest_app.command(
+    "generate",
+    epilog="Example: rebalance backtest generate --regime volatile --steps 8760 --step 1h --seed 7 -o volatile.csv",
+)
+def backtest_generate_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Prices CSV to write.", show_default=False)],
+    regime: Annotated[str, typer.Option("--regime", help="calm, trending or volatile (with jumps).")] = "calm",
+    steps: Annotated[int, typer.Option("--steps", min=2, max=5_000_000, help="Rows to generate.")] = 8760,
+    step: Annotated[str, typer.Option("--step", help="Time per row, 1m to 1d (e.g. 1m, 1h, 1d).")] = "1h",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same file.")] = 1,
+    asset: Annotated[
+        list[str] | None,
+        typer.Option("--asset", help="SYMBOL=START_PRICE; repeatable (default BTC=65000, ETH=3500)."),
+    ] = None,
+) -> None:
+    """Write reproducible prices: geometric Brownian motion with a volatility regime and jumps."""
+    from . import backtest as bt
+
+    series = bt.generate_file(
+        output,
+        regime=regime,
+        steps=steps,
+        step_seconds=bt.parse_step(step),
+        seed=seed,
+        assets=bt.parse_assets(asset or []) or None,
+    )
+    _out().print(
+        f"{output}: {len(series):,} rows of {', '.join(series.assets)}, {series.step_seconds}s apart, "
+        f"regime {regime}, seed {seed}"
+    )
 
 
 # --- entry point --------------------------------------------------------------------------------------

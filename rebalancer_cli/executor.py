@@ -51,6 +51,14 @@ SAVED_PLAN_WEIGHT_TOLERANCE = Decimal("1e-6")
 Listener = Callable[["OrderOutcome"], None]
 
 
+def _then_failpoint(mark_sent: Callable[[], None]) -> Callable[[], None]:
+    def before_send() -> None:
+        mark_sent()
+        failpoints.hit("during_send")
+
+    return before_send
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -191,7 +199,7 @@ class Executor:
         for o in report.outcomes:  # the live view shows the whole plan before the first order leaves
             self._emit(o)
         try:
-            self._execute(plan, snapshot, report)
+            self._execute(plan, snapshot, report, saved=saved_plan is not None)
         except BaseException:
             # A store or the exchange failed mid-cycle: the outcomes still read "locked" or "sent", so the report's
             # status would say "done". Record the plan as interrupted (best effort: the original error is what the
@@ -272,7 +280,7 @@ class Executor:
         if self.listener is not None:
             self.listener(o)
 
-    def _execute(self, plan: Plan, snapshot: Snapshot, report: ExecutionReport) -> None:
+    def _execute(self, plan: Plan, snapshot: Snapshot, report: ExecutionReport, *, saved: bool) -> None:
         turnover = ZERO
         mids = {a.symbol: a.mid for a in plan.assets}
         for trade, outcome in zip(plan.trades, report.outcomes, strict=True):
@@ -296,7 +304,7 @@ class Executor:
                 self._emit(outcome)
                 continue
             try:
-                self._one(plan, trade, outcome, snapshot)
+                self._one(plan, trade, outcome, snapshot, saved=saved)
             except CircuitOpenError as exc:
                 outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
                 self._emit(outcome)
@@ -320,9 +328,9 @@ class Executor:
 
     # -- one order --------------------------------------------------------------------------------------------
 
-    def _one(self, plan: Plan, trade: Trade, outcome: OrderOutcome, snapshot: Snapshot) -> None:
+    def _one(self, plan: Plan, trade: Trade, outcome: OrderOutcome, snapshot: Snapshot, *, saved: bool) -> None:
         market = snapshot.markets[trade.market]
-        if self._known(trade.idempotency_key, outcome):
+        if saved and self._known(trade.idempotency_key, outcome):
             return
         amount = trade.amount
         if trade.side == "buy":
@@ -364,11 +372,19 @@ class Executor:
         outcome.status = "locked"
         self._emit(outcome)
         failpoints.hit("after_lock")
-        self.audit.update_order(trade.idempotency_key, OrderStatus.SENT, at=self.clock())
-        outcome.status = "sent"
-        self._emit(outcome)
+
+        def mark_sent() -> None:
+            # Durable before the request leaves, and stamped after any rate-limit wait: recovery counts the
+            # exchange's receive window from this moment, so it must not be earlier than the request's signature.
+            self.audit.update_order(trade.idempotency_key, OrderStatus.SENT, at=self.clock())
+            flush = getattr(self.audit, "flush", None)
+            if flush is not None:
+                flush()
+            outcome.status = "sent"
+            self._emit(outcome)
+
         try:
-            result = self._send(trade.market, trade.side, amount, trade.idempotency_key)
+            result = self._send(trade.market, trade.side, amount, trade.idempotency_key, mark_sent)
         except NonRetryableExchangeError as exc:
             self.ledger.release(self.pid, trade.idempotency_key, fence=self.fence)
             self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=str(exc))
@@ -390,7 +406,7 @@ class Executor:
             self._emit(outcome)
             return
         failpoints.hit("after_answer")
-        self.settle(intent, result, outcome)
+        self.settle(intent, result, outcome, first_report=True)
 
     def _known(self, key: str, outcome: OrderOutcome) -> bool:
         """An order under this key exists already (a saved plan run twice): never send it again from here.
@@ -445,12 +461,13 @@ class Executor:
             return quote, available
         return quote, buffered
 
-    def _send(self, market: str, side: str, amount: Decimal, key: str) -> OrderResult:
+    def _send(self, market: str, side: str, amount: Decimal, key: str, mark_sent: Callable[[], None]) -> OrderResult:
         """Send once; on an unknown outcome look up by client order id, re-send (same id) only if unknown."""
         for attempt in range(1, MAX_SENDS + 1):
-            failpoints.hit("during_send")
             try:
-                return self.exchange.create_market_order(market, side, amount, key)
+                return self.exchange.create_market_order(
+                    market, side, amount, key, before_send=_then_failpoint(mark_sent)
+                )
             except OrderAlreadyPlacedError as exc:
                 found = self._lookup(market, key, exc, settle=False)
                 if found is not None:
@@ -483,8 +500,18 @@ class Executor:
 
     # -- settling ---------------------------------------------------------------------------------------------
 
-    def settle(self, intent: OrderIntent, result: OrderResult, outcome: OrderOutcome | None = None) -> OrderOutcome:
-        """Record what the exchange says happened, in audit then ledger; both steps are idempotent."""
+    def settle(
+        self,
+        intent: OrderIntent,
+        result: OrderResult,
+        outcome: OrderOutcome | None = None,
+        *,
+        first_report: bool = False,
+    ) -> OrderOutcome:
+        """Record what the exchange says happened, in audit then ledger; both steps are idempotent.
+
+        `first_report`: the answer to our own send in this run, so no fill of it can be recorded yet.
+        """
         o = outcome or OrderOutcome(intent.key, intent.market.split("/")[0], intent.market, intent.side, intent.amount)
         if not result.is_final:
             # market orders should never rest; a live one is cancelled so nothing trades behind our back
@@ -527,7 +554,7 @@ class Executor:
         if synthesized or filled != result.filled:
             # the fills listed do not add up to what the order says: trust the order's totals for the books
             filled, cost = result.filled, result.cost
-        recorded = self.audit.order(intent.key)
+        recorded = None if first_report else self.audit.order(intent.key)
         if recorded is None or recorded.filled < filled:
             # An order reported again (a second lookup, recovery, reconcile) is stored once: fills are keyed by
             # trade id, and a report whose fills carry other ids (totals only) adds nothing once its fills are in.

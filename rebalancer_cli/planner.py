@@ -165,12 +165,13 @@ class PlannerState:
         )
 
     def after(self, plan: Plan, executed: set[str], now: datetime) -> PlannerState:
-        """The state once `executed` symbols traded: they disarm and start their cooldown."""
+        """The state once `executed` symbols traded: they start their cooldown, and disarm unless the trade
+        left them inside the re-arm band (a trade back to target does; one to the band's edge does not)."""
         assets = dict(self.assets)
         for line in plan.assets:
             mem = assets.get(line.symbol, AssetMemory())
             if line.symbol in executed:
-                mem = AssetMemory(armed=False, last_trade_at=now)
+                mem = AssetMemory(armed=line.armed_after_trade, last_trade_at=now)
             elif line.rearm:
                 mem = replace(mem, armed=True)
             assets[line.symbol] = mem
@@ -193,6 +194,9 @@ class AssetLine:
     reason: str
     mid: Decimal
     rearm: bool = False  # drift fell inside the re-arm band this time
+    # a trade that ends inside the re-arm band (back to target) leaves the asset armed; one that ends at the
+    # band's edge (band_edge sizing) disarms it until the drift comes back below threshold * (1 - hysteresis)
+    armed_after_trade: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,6 +399,7 @@ class _View:
     reason: str = ""
     rearm: bool = False
     hard: bool = False
+    armed_after_trade: bool = True
 
 
 def _views(config: Config, snapshot: Snapshot) -> tuple[list[_View], Decimal]:
@@ -569,6 +574,7 @@ def plan(
             reason=v.reason,
             mid=v.mid,
             rearm=v.rearm,
+            armed_after_trade=v.armed_after_trade,
         )
         for v in views
     )
@@ -597,6 +603,7 @@ def _size(v: _View, total: Decimal, policy: Policy) -> None:
     assert v.market is not None
     market = v.market
     remaining = policy.sizing.remaining_drift(v.drift, v.threshold)
+    v.armed_after_trade = abs(remaining) < v.threshold * (ONE - policy.hysteresis)
     value = abs(v.drift - remaining) * total
     side = "buy" if v.drift > 0 else "sell"
     amount = value / v.mid

@@ -106,8 +106,10 @@ def make_plan(
 
 
 def open_audit_for(config: Config) -> AuditStore:
-    """The audit store of a config; a shared PostgreSQL store must already be at the current schema."""
+    """The audit store of a config, with write-behind (see `audit/writebehind.py`); a shared PostgreSQL
+    store must already be at the current schema."""
     from .audit import open_audit
+    from .audit.writebehind import WriteBehindAudit
 
     store = open_audit(config.database_url, config.resolved_state_dir())
     try:
@@ -115,7 +117,7 @@ def open_audit_for(config: Config) -> AuditStore:
     except BaseException:
         store.close()
         raise
-    return store
+    return WriteBehindAudit(store)
 
 
 def operator() -> str:

@@ -183,7 +183,8 @@ def test_hysteresis_and_cooldown_hold_across_a_daemon_restart(
     snap = btc_snapshot(tmp_path / "market.json", "1000", btc="1.1", usdc="900")  # 55% BTC for a 50% target
     plain, hyst, cool = f"{unique_id}-plain", f"{unique_id}-hyst", f"{unique_id}-cool"
     btc_config(tmp_path / "plain.yaml", plain, "market.json", interval=1)
-    btc_config(tmp_path / "hyst.yaml", hyst, "market.json", interval=1, hysteresis=0.5)
+    # to the band edge: the trade leaves the asset outside the re-arm band, so hysteresis holds it afterwards
+    btc_config(tmp_path / "hyst.yaml", hyst, "market.json", interval=1, hysteresis=0.5, rebalance_to="band_edge")
     btc_config(tmp_path / "cool.yaml", cool, "market.json", interval=1, cooldown="1h")
 
     run_until(daemon(tmp_path), lambda: all(events.cycles(pid) for pid in (plain, hyst, cool)))
@@ -313,26 +314,21 @@ def test_cron_runs_with_hysteresis_retrade_only_after_rearming(
     runner = CliRunner()
     snap = tmp_path / "market.json"
     btc_snapshot(snap, "1000")
-    # threshold 1%: trades above 1.2%, re-arms below 0.8%
-    config = btc_config(tmp_path / "hyst.yaml", f"{unique_id}-hyst", "market.json", hysteresis=0.2, interval=1)
+    # threshold 1%: trades above 1.2%, re-arms below 0.8%; trading to the band's edge leaves 1% of drift, outside
+    # the re-arm band, so the asset stays disarmed after each trade
+    config = btc_config(
+        tmp_path / "hyst.yaml", f"{unique_id}-hyst", "market.json", hysteresis=0.2, interval=1,
+        rebalance_to="band_edge",
+    )
     steps = []
-    for price in OSCILLATION:
+    for price in ["1060", "1080", "1000", "1080"]:
         btc_snapshot(snap, price)
         steps.append(_cron_run(runner, config))
-    # a trade disarms BTC; the swing back (1.46%, above the trigger) is held; the next swing lands on the
-    # traded level (0% drift) and re-arms it; only then does the next swing trade
-    assert steps == [
-        ("trade", 1),
-        ("held by hysteresis", 0),
-        ("below threshold", 0),
-        ("trade", 1),
-        ("held by hysteresis", 0),
-        ("below threshold", 0),
-    ]
-    # the daemon reads the same memory as cron: a cron run trades and disarms, the daemon's next cycle holds
-    btc_snapshot(snap, "1060")
-    assert _cron_run(runner, config) == ("trade", 1)
-    btc_snapshot(snap, "1000")
+    # the trade to the edge disarms BTC; the swing further up (1.7%, above the 1.2% trigger) is held; the swing
+    # back lands inside the re-arm band; only then does the next swing up trade
+    assert steps == [("trade", 1), ("held by hysteresis", 0), ("below threshold", 0), ("trade", 1)]
+    # the daemon reads the same memory as cron: the last cron trade disarmed BTC, so the daemon holds the next swing
+    btc_snapshot(snap, "1100")
     run_until(daemon(config), lambda: bool(events.cycles(f"{unique_id}-hyst")))
     [cycle] = events.cycles(f"{unique_id}-hyst")
     assert cycle["decisions"]["BTC"] == "held by hysteresis" and cycle["orders"] == []

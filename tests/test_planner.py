@@ -213,11 +213,15 @@ def test_cooldown_holds_unless_hard_band() -> None:
     assert line(_plan(cfg, breach, recent), "BTC").decision == "trade"
 
 
-def test_state_after_execution_disarms_and_starts_cooldown() -> None:
-    cfg = config(TWO, hysteresis="0.2", cooldown="60")
+def test_state_after_execution_starts_cooldown_and_disarms_only_at_the_band_edge() -> None:
     snap = snapshot({"BTC": "6", "USDC": "400"}, market("BTC", [("99", "10")], [("101", "10")]))
-    p = _plan(cfg, snap)
-    state = PlannerState().after(p, {"BTC"}, T0)
+    # back to target: the drift left (0) is inside the re-arm band, so the asset stays armed
+    to_target = _plan(config(TWO, hysteresis="0.2", cooldown="60"), snap)
+    state = PlannerState().after(to_target, {"BTC"}, T0)
+    assert state.of("BTC") == AssetMemory(armed=True, last_trade_at=T0)
+    # to the band's edge: the drift left (the threshold) is above threshold * (1 - h): disarmed
+    to_edge = _plan(config(TWO, hysteresis="0.2", cooldown="60", rebalance_to="band_edge"), snap)
+    state = PlannerState().after(to_edge, {"BTC"}, T0)
     assert state.of("BTC") == AssetMemory(armed=False, last_trade_at=T0)
     assert PlannerState.from_json(state.to_json()) == state
 

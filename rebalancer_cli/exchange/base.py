@@ -7,7 +7,7 @@ ccxt supports). Both speak in Decimals and the project's own errors, so the exec
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -70,7 +70,17 @@ class Exchange(Protocol):
         """(free, locked) per asset."""
         ...
 
-    def create_market_order(self, market: str, side: str, amount: Decimal, client_order_id: str) -> OrderResult: ...
+    def create_market_order(
+        self,
+        market: str,
+        side: str,
+        amount: Decimal,
+        client_order_id: str,
+        *,
+        before_send: Callable[[], None] | None = None,
+    ) -> OrderResult:
+        """`before_send` runs once the request may leave (after any rate-limit wait), right before it does."""
+        ...
 
     def fetch_order(self, market: str, client_order_id: str) -> OrderResult | None:
         """The order with this client order id, or None when the exchange does not know it."""

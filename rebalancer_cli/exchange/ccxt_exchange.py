@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -152,7 +153,8 @@ class CcxtExchange:
         self._account_fees: dict[str, Decimal] | None = None
         # ccxt calls throttle(cost) before every request when enableRateLimit is on: ours replaces it.
         client.enableRateLimit = True
-        client.throttle = lambda cost=None: self.limiter.acquire(float(cost) if cost else 1.0)
+        client.throttle = self._throttle
+        self._hooks = threading.local()  # clients are shared by the daemon's worker threads
         # ccxt parses book levels with safe_float even with number=str; keep them exact, as Decimals
         # (ccxt only sorts them, which Decimals do correctly)
         client.parse_order_book_bid_ask = self._bid_ask
@@ -515,16 +517,36 @@ class CcxtExchange:
             raise ExchangeError(f"{self.id} sent a crossed {symbol} book: bid {bids[0][0]} >= ask {asks[0][0]}")
         return bids, asks
 
-    def create_market_order(self, market: str, side: str, amount: Decimal, client_order_id: str) -> OrderResult:
+    def _throttle(self, cost: Any = None) -> None:
+        """ccxt calls this right before each request: pace it, then run the caller's pre-send hook, if any."""
+        self.limiter.acquire(float(cost) if cost else 1.0)
+        hook = getattr(self._hooks, "before_send", None)
+        if hook is not None:
+            self._hooks.before_send = None
+            hook()
+
+    def create_market_order(
+        self,
+        market: str,
+        side: str,
+        amount: Decimal,
+        client_order_id: str,
+        *,
+        before_send: Callable[[], None] | None = None,
+    ) -> OrderResult:
         """One attempt, never retried here: after a timeout only a lookup by client order id can tell."""
         self._ensure_markets()
-        raw = self._call(
-            "create_order",
-            lambda: self.client.create_order(
-                market, "market", side, format(amount, "f"), None, {"clientOrderId": client_order_id}
-            ),
-            retry=False,
-        )
+        self._hooks.before_send = before_send
+        try:
+            raw = self._call(
+                "create_order",
+                lambda: self.client.create_order(
+                    market, "market", side, format(amount, "f"), None, {"clientOrderId": client_order_id}
+                ),
+                retry=False,
+            )
+        finally:
+            self._hooks.before_send = None
         return self._order(raw, client_order_id, market)
 
     def fetch_order(self, market: str, client_order_id: str) -> OrderResult | None:

@@ -11,8 +11,9 @@ import hashlib
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -28,10 +29,53 @@ from ..errors import (
     StoreError,
 )
 from ..planner import PlannerState
-from ..snapshot import Snapshot, load_snapshot
+from ..snapshot import Market, Snapshot, load_snapshot
 from .base import FillInfo, OrderResult
 
 ZERO = Decimal(0)
+
+
+@dataclass(frozen=True, slots=True)
+class PaperFill:
+    """How a market order fills on paper: what changes hands, and the fee in the asset received."""
+
+    side: str
+    filled: Decimal  # base units taken from the book
+    cost: Decimal  # quote paid (buy) or received before the fee (sell)
+    fee: Decimal
+    fee_currency: str
+    base_delta: Decimal  # change of the base balance, fee included
+    quote_delta: Decimal  # change of the quote balance, fee included
+    status: str  # closed, or expired when the visible book held less than asked
+
+
+def paper_fill(market: Market, side: str, amount: Decimal, *, base_free: Decimal, quote_free: Decimal) -> PaperFill:
+    """The paper exchange's fill rule, pure: the paper exchange and the backtest both fill through it, so a
+    backtest's fills are the fills `execute` would get on paper.
+
+    Walks the side the order takes; the taker fee is charged in the asset received (base on a buy, quote on
+    a sell), as most spot exchanges do. Refuses what the paper exchange refuses.
+    """
+    if side not in ("buy", "sell"):
+        raise InvalidOrderError(f"side must be buy or sell, not {side}")
+    if amount <= 0 or amount % market.amount_step != 0:
+        raise InvalidOrderError(
+            f"{market.symbol}: amount {amount} is not a positive multiple of the lot {market.amount_step}"
+        )
+    walk = walk_book(market.asks if side == "buy" else market.bids, amount)
+    if walk.notional < market.min_notional:
+        raise InvalidOrderError(f"{market.symbol}: notional {walk.notional} below the minimum {market.min_notional}")
+    status = "closed" if not walk.capped else "expired"
+    if side == "buy":
+        if quote_free < walk.notional:
+            raise InsufficientFundsError(f"paper account has not {walk.notional} {market.quote} free")
+        fee = walk.filled * market.taker_fee
+        return PaperFill(side, walk.filled, walk.notional, fee, market.base, walk.filled - fee, -walk.notional, status)
+    if base_free < walk.filled:
+        raise InsufficientFundsError(f"paper account has not {walk.filled} {market.base} free")
+    fee = walk.notional * market.taker_fee
+    return PaperFill(side, walk.filled, walk.notional, fee, market.quote, -walk.filled, walk.notional - fee, status)
+
 
 _SCHEMA = """
 create table if not exists accounts (account text primary key, fingerprint text not null);
@@ -105,7 +149,10 @@ class PaperExchange:
         rows = self._db.execute("select asset, free from balances where account=?", (self._account,)).fetchall()
         return {a: Decimal(v) for a, v in rows}, {}
 
-    def fetch_snapshot(self, config: Config, state: PlannerState | None = None) -> Snapshot:
+    def fetch_snapshot(
+        self, config: Config, state: PlannerState | None = None, *, full_books: bool = False
+    ) -> Snapshot:
+        # the snapshot file's books are always complete: `full_books` changes nothing here
         free, locked = self.fetch_balances()
         self.calls["books"] += 1
         return Snapshot(
@@ -116,7 +163,15 @@ class PaperExchange:
             source=f"paper:{self._book.source}",
         )
 
-    def create_market_order(self, market: str, side: str, amount: Decimal, client_order_id: str) -> OrderResult:
+    def create_market_order(
+        self,
+        market: str,
+        side: str,
+        amount: Decimal,
+        client_order_id: str,
+        *,
+        before_send: Callable[[], None] | None = None,
+    ) -> OrderResult:
         self.calls["create_order"] += 1
         m = self._book.markets.get(market)
         if m is None:
@@ -125,28 +180,19 @@ class PaperExchange:
             raise InvalidOrderError(f"side must be buy or sell, not {side}")
         if amount <= 0 or amount % m.amount_step != 0:
             raise InvalidOrderError(f"{market}: amount {amount} is not a positive multiple of the lot {m.amount_step}")
+        if before_send is not None:
+            before_send()
         with self._tx() as db:
             if db.execute(
                 "select 1 from orders where account=? and client_order_id=?", (self._account, client_order_id)
             ).fetchone():
                 raise OrderAlreadyPlacedError(f"order {client_order_id} was already placed")
-            walk = walk_book(m.asks if side == "buy" else m.bids, amount)
-            if walk.notional < m.min_notional:
-                raise InvalidOrderError(f"{market}: notional {walk.notional} below the minimum {m.min_notional}")
-            if side == "buy":
-                if self._balance(db, m.quote) < walk.notional:
-                    raise InsufficientFundsError(f"paper account has not {walk.notional} {m.quote} free")
-                fee, fee_ccy = walk.filled * m.taker_fee, m.base
-                self._add(db, m.quote, -walk.notional)
-                self._add(db, m.base, walk.filled - fee)
-            else:
-                if self._balance(db, m.base) < walk.filled:
-                    raise InsufficientFundsError(f"paper account has not {walk.filled} {m.base} free")
-                fee, fee_ccy = walk.notional * m.taker_fee, m.quote
-                self._add(db, m.base, -walk.filled)
-                self._add(db, m.quote, walk.notional - fee)
+            fill = paper_fill(
+                m, side, amount, base_free=self._balance(db, m.base), quote_free=self._balance(db, m.quote)
+            )
+            self._add(db, m.quote, fill.quote_delta)
+            self._add(db, m.base, fill.base_delta)
             order_id = db.execute("select coalesce(max(order_id), 0) + 1 from orders").fetchone()[0]
-            status = "closed" if not walk.capped else "expired"
             now = (self._now or datetime.now(UTC)).isoformat()
             db.execute(
                 "insert into orders values (?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -157,11 +203,11 @@ class PaperExchange:
                     market,
                     side,
                     str(amount),
-                    str(walk.filled),
-                    str(walk.notional),
-                    str(fee),
-                    fee_ccy,
-                    status,
+                    str(fill.filled),
+                    str(fill.cost),
+                    str(fill.fee),
+                    fill.fee_currency,
+                    fill.status,
                     now,
                 ),
             )

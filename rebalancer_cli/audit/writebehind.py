@@ -1,0 +1,143 @@
+"""Write-behind for the audit trail: only what crash safety needs is written before an order leaves.
+
+The order intent must be durable before the order is sent: after a crash it is what tells the next run to look
+the order up. Everything else (status changes, fills, events, the plan's outcome) can be derived again from the
+exchange by that lookup, so it is written by a background thread while the cycle goes on. Reads and intents
+first wait for the queue to drain, so a caller always sees its own writes. A failed background write is raised
+at the next call instead of being lost silently.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from ..errors import StoreError
+from .base import AuditStore, ExecutionRecord, Fill, OrderIntent, OrderRecord, OrderStatus
+
+_STOP = object()
+
+
+class WriteBehindAudit:
+    def __init__(self, store: AuditStore, *, max_pending: int = 10_000) -> None:
+        self.store = store
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is _STOP:
+                    return
+                if self._error is None:
+                    fn, args, kwargs = item
+                    try:
+                        fn(*args, **kwargs)
+                    except BaseException as exc:  # surfaced to the caller at its next call
+                        self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _defer(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        self._raise_pending()
+        self._queue.put((fn, args, kwargs))
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            if isinstance(error, StoreError):
+                raise error
+            raise StoreError(f"audit write failed in the background: {type(error).__name__}: {error}") from error
+
+    def flush(self) -> None:
+        self._queue.join()
+        self._raise_pending()
+
+    # -- deferred writes ------------------------------------------------------------------------------
+
+    def record_plan(
+        self, plan_id: str, portfolio_id: str, created_at: datetime, plan: Mapping[str, Any], drift_before: Decimal
+    ) -> None:
+        self._defer(self.store.record_plan, plan_id, portfolio_id, created_at, plan, drift_before)
+
+    def finish_plan(self, plan_id: str, status: str, drift_after: Decimal | None, at: datetime) -> None:
+        self._defer(self.store.finish_plan, plan_id, status, drift_after, at)
+
+    def update_order(
+        self,
+        key: str,
+        status: OrderStatus,
+        *,
+        at: datetime,
+        exchange_order_id: str | None = None,
+        reason: str | None = None,
+    ) -> bool:
+        self._defer(self.store.update_order, key, status, at=at, exchange_order_id=exchange_order_id, reason=reason)
+        return True
+
+    def record_fill(self, fill: Fill) -> bool:
+        self._defer(self.store.record_fill, fill)
+        return True
+
+    def record_event(self, portfolio_id: str, kind: str, detail: Mapping[str, Any], at: datetime) -> None:
+        self._defer(self.store.record_event, portfolio_id, kind, detail, at)
+
+    # -- synchronous: the intent, and every read -----------------------------------------------------------
+
+    def record_intent(self, intent: OrderIntent) -> bool:
+        self.flush()
+        return self.store.record_intent(intent)
+
+    def order(self, key: str) -> OrderRecord | None:
+        self.flush()
+        return self.store.order(key)
+
+    def open_orders(self, portfolio_id: str) -> list[OrderRecord]:
+        self.flush()
+        return self.store.open_orders(portfolio_id)
+
+    def recent_orders(self, portfolio_id: str, limit: int = 50) -> list[OrderRecord]:
+        self.flush()
+        return self.store.recent_orders(portfolio_id, limit)
+
+    def history(self, portfolio_id: str, limit: int = 20) -> list[ExecutionRecord]:
+        self.flush()
+        return self.store.history(portfolio_id, limit)
+
+    def fees_since(self, portfolio_id: str, since: datetime) -> dict[str, Decimal]:
+        self.flush()
+        return self.store.fees_since(portfolio_id, since)
+
+    def events(self, portfolio_id: str, limit: int = 100) -> list[tuple[datetime, str, dict[str, Any]]]:
+        self.flush()
+        return self.store.events(portfolio_id, limit)
+
+    def plan(self, plan_id: str) -> dict[str, Any] | None:
+        self.flush()
+        return self.store.plan(plan_id)
+
+    def migrate(self) -> list[str]:
+        self.flush()
+        return self.store.migrate()
+
+    def check(self) -> None:
+        self.store.check()
+
+    def ping(self) -> None:
+        self._raise_pending()
+        self.store.ping()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._queue.put(_STOP)
+            self._thread.join(timeout=10)
+            self.store.close()
