@@ -39,7 +39,10 @@ def write_files(root: Path, redis_url: str, database_url: str, emulator_url: str
     for i, n in enumerate(names):
         mid = D(100 + 10 * i)
         markets[f"{n}/USDC"] = {
-            "taker_fee": "0.001", "amount_step": "0.001", "min_notional": "5", "volatility": "0.02",
+            "taker_fee": "0.001",
+            "amount_step": "0.001",
+            "min_notional": "5",
+            "volatility": "0.02",
             "bids": [[str(mid - D(j + 1) / 10), "50"] for j in range(20)],
             "asks": [[str(mid + D(j + 1) / 10), "50"] for j in range(20)],
         }
@@ -53,13 +56,21 @@ def write_files(root: Path, redis_url: str, database_url: str, emulator_url: str
     quote_w = D(1) - sum(weights.values())
     config = {
         "portfolio_id": f"bench-{uuid.uuid4().hex[:8]}",
-        "base_threshold": "0.001", "volatility_factor": "0.5", "safety_margin": "1.5", "max_trades_per_cycle": 10,
+        "base_threshold": "0.001",
+        "volatility_factor": "0.5",
+        "safety_margin": "1.5",
+        "max_trades_per_cycle": 10,
         "assets": [{"symbol": n, "target_weight": str(w), "max_deviation": "0.5"} for n, w in weights.items()]
         + [{"symbol": "USDC", "target_weight": str(quote_w), "max_deviation": "0.5"}],
-        "exchange": {"id": "binance", "api_url": emulator_url or "http://127.0.0.1:1",
-                     "credentials_env": {"apiKey": "BENCH_KEY", "secret": "BENCH_SECRET"},
-                     "options": {"recvWindow": 5000}},
-        "redis_url": redis_url, "database_url": database_url, "state_dir": str(root / "state"),
+        "exchange": {
+            "id": "binance",
+            "api_url": emulator_url or "http://127.0.0.1:1",
+            "credentials_env": {"apiKey": "BENCH_KEY", "secret": "BENCH_SECRET"},
+            "options": {"recvWindow": 5000},
+        },
+        "redis_url": redis_url,
+        "database_url": database_url,
+        "state_dir": str(root / "state"),
     }
     cfg = root / "bench.yaml"
     cfg.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -74,8 +85,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--redis", default=os.environ.get("REBALANCE_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    parser.add_argument("--database",
-                        default=os.environ.get("REBALANCE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    parser.add_argument(
+        "--database", default=os.environ.get("REBALANCE_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    )
     args = parser.parse_args()
     os.environ["BENCH_KEY"], os.environ["BENCH_SECRET"] = DEFAULT_API_KEY, DEFAULT_SECRET
     root = Path(tempfile.mkdtemp(prefix="rb-exec-bench-"))
@@ -107,8 +119,9 @@ def main() -> int:
             for o in filled:
                 bare.public_get_depth({"symbol": o.market.replace("/", ""), "limit": 100})
             for o in filled:
-                bare.create_order(o.market, "market", o.side, format(o.amount, "f"), None,
-                                  {"clientOrderId": str(uuid.uuid4())})
+                bare.create_order(
+                    o.market, "market", o.side, format(o.amount, "f"), None, {"clientOrderId": str(uuid.uuid4())}
+                )
             bare.fetch_balance()
             bare_time = (time.perf_counter() - t0) * 1000
             if i >= 5:  # warm-up: caches, connections, JIT-free but allocator and pools
@@ -120,8 +133,10 @@ def main() -> int:
         ledger.close()
         audit.close()
         emulator.stop()
-    print(f"plan + execute, 10 assets, {statistics.mean(trades):.1f} trades/cycle, {len(full_ms)} cycles "
-          "(ccxt -> loopback emulator, Redis ledger, PostgreSQL audit)")
+    print(
+        f"plan + execute, 10 assets, {statistics.mean(trades):.1f} trades/cycle, {len(full_ms)} cycles "
+        "(ccxt -> loopback emulator, Redis ledger, PostgreSQL audit)"
+    )
     print(f"{'':18} {'median ms':>10} {'p99 ms':>10}")
     print(f"{'full cycle':18} {statistics.median(full_ms):>10.2f} {p99(full_ms):>10.2f}")
     print(f"{'bare ccxt calls':18} {statistics.median(bare_ms):>10.2f} {p99(bare_ms):>10.2f}")
@@ -130,8 +145,10 @@ def main() -> int:
     print(f"overhead ratio: median {ratio_med:.2f}x, p99 {ratio_p99:.2f}x")
     ok_p99 = p99(full_ms) <= GOAL_P99_MS
     ok_ratio = ratio_med <= GOAL_RATIO
-    print(f"goal p99 <= {GOAL_P99_MS} ms: {'met' if ok_p99 else 'NOT met'}; "
-          f"goal overhead <= {GOAL_RATIO}x (median): {'met' if ok_ratio else 'NOT met'}")
+    print(
+        f"goal p99 <= {GOAL_P99_MS} ms: {'met' if ok_p99 else 'NOT met'}; "
+        f"goal overhead <= {GOAL_RATIO}x (median): {'met' if ok_ratio else 'NOT met'}"
+    )
     return 0
 
 

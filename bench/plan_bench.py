@@ -29,20 +29,32 @@ def scenario(n_assets: int, levels: int = 100) -> tuple[Config, Snapshot]:
     weight = (D(1) / D(n_assets + 1)).quantize(D("0.0001"))
     weights = [weight] * n_assets
     quote_weight = D(1) - sum(weights, D(0))
-    cfg = Config.model_validate({
-        "portfolio_id": "bench", "base_threshold": D("0.001"), "volatility_factor": D("0.5"),
-        "safety_margin": D("1.5"), "max_trades_per_cycle": 50,
-        "assets": [{"symbol": s, "target_weight": w, "max_deviation": D("0.5")} for s, w in zip(names, weights)]
-        + [{"symbol": "USDC", "target_weight": quote_weight, "max_deviation": D("0.5")}],
-        "exchange": {"id": "paper", "snapshot": "x.yaml"},
-    })
+    cfg = Config.model_validate(
+        {
+            "portfolio_id": "bench",
+            "base_threshold": D("0.001"),
+            "volatility_factor": D("0.5"),
+            "safety_margin": D("1.5"),
+            "max_trades_per_cycle": 50,
+            "assets": [
+                {"symbol": s, "target_weight": w, "max_deviation": D("0.5")}
+                for s, w in zip(names, weights, strict=True)
+            ]
+            + [{"symbol": "USDC", "target_weight": quote_weight, "max_deviation": D("0.5")}],
+            "exchange": {"id": "paper", "snapshot": "x.yaml"},
+        }
+    )
     cfg.quote = "USDC"
     markets = {}
     balances = {}
     for i, s in enumerate(names):
         mid = D(100 + 37 * i)
-        bids = tuple(((mid - mid * D(j + 1) / D(10000)).quantize(D("0.01")), D("0.5") + D(j) / 10) for j in range(levels))
-        asks = tuple(((mid + mid * D(j + 1) / D(10000)).quantize(D("0.01")), D("0.5") + D(j) / 10) for j in range(levels))
+        bids = tuple(
+            ((mid - mid * D(j + 1) / D(10000)).quantize(D("0.01")), D("0.5") + D(j) / 10) for j in range(levels)
+        )
+        asks = tuple(
+            ((mid + mid * D(j + 1) / D(10000)).quantize(D("0.01")), D("0.5") + D(j) / 10) for j in range(levels)
+        )
         markets[f"{s}/USDC"] = Market(f"{s}/USDC", s, "USDC", D("0.001"), D("0.001"), D("5"), bids, asks, D("0.03"))
         # alternate over- and underweight by ~30% so every asset trades and walks deep into its book
         target_value = D(10000)
@@ -76,7 +88,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1000)
     args = parser.parse_args()
     print(f"plan latency, {args.runs} runs each, 100-level books, every asset trading (ms)")
-    print(f"{'assets':>6} {'trades':>6} {'median':>8} {'p99':>8} | {'no-walk median':>14} {'no-walk p99':>11} | ratio p99")
+    print(
+        f"{'assets':>6} {'trades':>6} {'median':>8} {'p99':>8} | {'no-walk median':>14} {'no-walk p99':>11} | ratio p99"
+    )
     result_50 = 0.0
     for n in (3, 10, 50):
         cfg, snap = scenario(n)
@@ -86,8 +100,10 @@ def main() -> None:
         for _ in range(4):
             walk += measure(cfg, snap, args.runs // 4, walk=True)
             flat += measure(cfg, snap, args.runs // 4, walk=False)
-        print(f"{n:>6} {trades:>6} {statistics.median(walk):>8.3f} {p99(walk):>8.3f} | "
-              f"{statistics.median(flat):>14.3f} {p99(flat):>11.3f} | {p99(walk) / p99(flat):>6.2f}x")
+        print(
+            f"{n:>6} {trades:>6} {statistics.median(walk):>8.3f} {p99(walk):>8.3f} | "
+            f"{statistics.median(flat):>14.3f} {p99(flat):>11.3f} | {p99(walk) / p99(flat):>6.2f}x"
+        )
         if n == 50:
             result_50 = p99(walk)
     verdict = "met" if result_50 <= GOAL_P99_MS_50 else "NOT met"

@@ -57,8 +57,9 @@ def market(
 
 
 def snapshot(balances: dict[str, str], *markets: Market, at: datetime = T0) -> Snapshot:
-    return Snapshot(taken_at=at, balances={k: D(v) for k, v in balances.items()},
-                    markets={m.symbol: m for m in markets})
+    return Snapshot(
+        taken_at=at, balances={k: D(v) for k, v in balances.items()}, markets={m.symbol: m for m in markets}
+    )
 
 
 def keys() -> Iterator[str]:

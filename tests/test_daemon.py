@@ -317,7 +317,11 @@ def test_cron_runs_with_hysteresis_retrade_only_after_rearming(
     # threshold 1%: trades above 1.2%, re-arms below 0.8%; trading to the band's edge leaves 1% of drift, outside
     # the re-arm band, so the asset stays disarmed after each trade
     config = btc_config(
-        tmp_path / "hyst.yaml", f"{unique_id}-hyst", "market.json", hysteresis=0.2, interval=1,
+        tmp_path / "hyst.yaml",
+        f"{unique_id}-hyst",
+        "market.json",
+        hysteresis=0.2,
+        interval=1,
         rebalance_to="band_edge",
     )
     steps = []

@@ -43,7 +43,13 @@ def test_sell_back_to_target_arithmetic() -> None:
     assert btc.decision == "trade"
     (t,) = p.trades
     assert (t.side, t.amount, t.est_price, t.notional, t.est_fee, t.est_slippage) == (
-        "sell", D("1.00"), D(99), D(99), D("0.099"), D(1))
+        "sell",
+        D("1.00"),
+        D(99),
+        D(99),
+        D("0.099"),
+        D(1),
+    )
     # drift before: |-0.1| + |0.1| = 0.2
     # after: BTC 500, USDC 400 + 99 - 0.099 = 498.901, total 998.901
     #   |0.5 - 500/998.901| + |0.5 - 498.901/998.901| = 2 * (500/998.901 - 0.5)
@@ -98,8 +104,9 @@ def test_missing_volatility_counts_as_zero_and_says_so() -> None:
 def test_trade_larger_than_book_is_capped_and_says_so() -> None:
     # sell 3 BTC wanted (drift -0.3 of 1000 at mid 100) but bids hold 0.5 + 1 = 1.5
     cfg = config(TWO)
-    snap = snapshot({"BTC": "8", "USDC": "200"},
-                    market("BTC", [("99", "0.5"), ("98", "1")], [("101", "5")], min_notional="1"))
+    snap = snapshot(
+        {"BTC": "8", "USDC": "200"}, market("BTC", [("99", "0.5"), ("98", "1")], [("101", "5")], min_notional="1")
+    )
     p = _plan(cfg, snap)
     (t,) = p.trades
     assert t.amount == D("1.5")
@@ -153,11 +160,13 @@ def test_sells_before_buys_and_buys_fit_the_quote() -> None:
 
 
 def test_max_trades_keeps_largest_drift_values() -> None:
-    cfg = config([("A", "0.25", "1"), ("B", "0.25", "1"), ("C", "0.25", "1"), ("USDC", "0.25", "1")],
-                 max_trades_per_cycle=1)
+    cfg = config(
+        [("A", "0.25", "1"), ("B", "0.25", "1"), ("C", "0.25", "1"), ("USDC", "0.25", "1")], max_trades_per_cycle=1
+    )
     book = ([("99.99", "1000")], [("100.01", "1000")])
-    snap = snapshot({"A": "3", "B": "4", "C": "2.5", "USDC": "0.5"},
-                    *(market(s, *book, min_notional="1") for s in "ABC"))
+    snap = snapshot(
+        {"A": "3", "B": "4", "C": "2.5", "USDC": "0.5"}, *(market(s, *book, min_notional="1") for s in "ABC")
+    )
     p = _plan(cfg, snap)
     # values A 300 B 400 C 250 USDC 0.5: B drifts most (0.25 - 400/950.5)
     assert [t.symbol for t in p.trades] == ["B"]

@@ -35,11 +35,14 @@ def books(draw: st.DrawFn, base: str) -> Market:
     if not bids:
         bids, asks = [(mid * D("0.999"), D(1))], [(mid * D("1.001"), D(1))]
     return Market(
-        symbol=f"{base}/USDC", base=base, quote="USDC",
+        symbol=f"{base}/USDC",
+        base=base,
+        quote="USDC",
         taker_fee=D(draw(st.integers(0, 50))) / D(10000),
         amount_step=draw(st.sampled_from(STEPS)),
         min_notional=D(draw(st.integers(0, 50))),
-        bids=tuple(bids), asks=tuple(asks),
+        bids=tuple(bids),
+        asks=tuple(asks),
         volatility=draw(st.one_of(st.none(), st.integers(0, 200).map(lambda v: D(v) / D(1000)))),
     )
 
@@ -55,17 +58,21 @@ def scenarios(draw: st.DrawFn) -> tuple[Config, Snapshot]:
     markets = [draw(books(n)) for n in names]
     balances = {n: D(draw(st.integers(0, 10**7))) / D(10**4) for n in names}
     balances["USDC"] = D(draw(st.integers(0, 10**9))) / D(100)
-    cfg = Config.model_validate({
-        "portfolio_id": "prop",
-        "base_threshold": D(draw(st.integers(1, 1000))) / D(10000),
-        "volatility_factor": D(draw(st.integers(1, 20))) / D(10),
-        "safety_margin": D(draw(st.integers(10, 50))) / D(10),
-        "max_trades_per_cycle": draw(st.integers(1, 50)),
-        "rebalance_to": draw(st.sampled_from(["target", "band_edge"])),
-        "assets": [{"symbol": s, "target_weight": w, "max_deviation": D(draw(st.integers(0, 100))) / D(100)}
-                   for s, w in zip([*names, "USDC"], weights, strict=True)],
-        "exchange": {"id": "paper", "snapshot": "x.yaml"},
-    })
+    cfg = Config.model_validate(
+        {
+            "portfolio_id": "prop",
+            "base_threshold": D(draw(st.integers(1, 1000))) / D(10000),
+            "volatility_factor": D(draw(st.integers(1, 20))) / D(10),
+            "safety_margin": D(draw(st.integers(10, 50))) / D(10),
+            "max_trades_per_cycle": draw(st.integers(1, 50)),
+            "rebalance_to": draw(st.sampled_from(["target", "band_edge"])),
+            "assets": [
+                {"symbol": s, "target_weight": w, "max_deviation": D(draw(st.integers(0, 100))) / D(100)}
+                for s, w in zip([*names, "USDC"], weights, strict=True)
+            ],
+            "exchange": {"id": "paper", "snapshot": "x.yaml"},
+        }
+    )
     cfg.quote = "USDC"
     return cfg, Snapshot(taken_at=T0, balances=balances, markets={m.symbol: m for m in markets})
 
@@ -77,8 +84,12 @@ def test_plan_never_breaks_its_invariants(case: tuple[Config, Snapshot]) -> None
     try:
         p = plan(cfg, snap)
     except PlanningError:
-        assert sum((snap.balances[s] * (m.mid if (m := snap.markets.get(f"{s}/USDC")) else 1)
-                    for s in snap.balances), D(0)) <= 0
+        assert (
+            sum(
+                (snap.balances[s] * (m.mid if (m := snap.markets.get(f"{s}/USDC")) else 1) for s in snap.balances), D(0)
+            )
+            <= 0
+        )
         return
     free_quote = snap.balances["USDC"]
     proceeds = sum((t.notional - t.est_fee for t in p.trades if t.side == "sell"), D(0))

@@ -36,8 +36,18 @@ def test_reconcile_finds_and_repairs_every_kind_of_difference(tmp_path: Path, st
     ledger.close()
     audit = open_audit(None, state_dir)
     never_sent = new_key()
-    audit.record_intent(OrderIntent(never_sent, "treasury-v1", "plan-x", "BTC/USDC", "buy", Decimal("0.001"),
-                                    Decimal("65000"), datetime.now(UTC)))
+    audit.record_intent(
+        OrderIntent(
+            never_sent,
+            "treasury-v1",
+            "plan-x",
+            "BTC/USDC",
+            "buy",
+            Decimal("0.001"),
+            Decimal("65000"),
+            datetime.now(UTC),
+        )
+    )
     audit.close()
 
     report = reconcile(config)
