@@ -368,7 +368,7 @@ class Executor:
             outcome.status, outcome.reason = "rejected", reason
             self._emit(outcome)
             return
-        self.audit.update_order(trade.idempotency_key, OrderStatus.LOCKED, at=self.clock())
+        # no audit write for the lock: the ledger holds it, and recovery treats a lock like an intent (never sent)
         outcome.status = "locked"
         self._emit(outcome)
         failpoints.hit("after_lock")
@@ -376,10 +376,9 @@ class Executor:
         def mark_sent() -> None:
             # Durable before the request leaves, and stamped after any rate-limit wait: recovery counts the
             # exchange's receive window from this moment, so it must not be earlier than the request's signature.
-            self.audit.update_order(trade.idempotency_key, OrderStatus.SENT, at=self.clock())
-            flush = getattr(self.audit, "flush", None)
-            if flush is not None:
-                flush()
+            # written straight through (not behind): nothing else of this key is queued, its intent was synchronous
+            write_now = getattr(self.audit, "update_order_now", self.audit.update_order)
+            write_now(trade.idempotency_key, OrderStatus.SENT, at=self.clock())
             outcome.status = "sent"
             self._emit(outcome)
 

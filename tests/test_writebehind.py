@@ -1,0 +1,72 @@
+"""Write-behind audit: deferred writes are never lost from a caller's view, and never fail silently."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from rebalancer_cli.audit.base import Fill, OrderIntent, OrderStatus
+from rebalancer_cli.audit.sqlite import SqliteAuditStore
+from rebalancer_cli.audit.writebehind import WriteBehindAudit
+from rebalancer_cli.errors import StoreError
+from rebalancer_cli.ids import new_key
+
+
+def _intent(key: str) -> OrderIntent:
+    return OrderIntent(key, "p", "plan-1", "BTC/USDC", "buy", Decimal("0.5"), Decimal("100"), datetime.now(UTC))
+
+
+class SlowStore(SqliteAuditStore):
+    """A real SQLite store whose deferred writes wait for a gate, to see what callers see meanwhile."""
+
+    gate = threading.Event()
+
+    def record_fill(self, fill: Fill) -> bool:
+        self.gate.wait(5)
+        return super().record_fill(fill)
+
+
+def test_reads_see_every_deferred_write_and_close_flushes(tmp_path: Path) -> None:
+    store = SlowStore(tmp_path / "a.sqlite3")
+    store.migrate()
+    audit = WriteBehindAudit(store)
+    key = new_key()
+    assert audit.record_intent(_intent(key))
+    audit.record_fill(Fill(key, "t1", Decimal("0.5"), Decimal("101"), Decimal("0.0005"), "BTC", datetime.now(UTC)))
+    audit.update_order(key, OrderStatus.FILLED, at=datetime.now(UTC))
+    threading.Timer(0.2, SlowStore.gate.set).start()
+    record = audit.order(key)  # waits for the queue: the caller sees its own writes
+    assert record is not None and record.status is OrderStatus.FILLED and record.filled == Decimal("0.5")
+    audit.record_event("p", "note", {"x": "1"}, datetime.now(UTC))
+    audit.close()
+    reopened = SqliteAuditStore(tmp_path / "a.sqlite3")
+    assert [kind for _, kind, _ in reopened.events("p")] == ["note"]
+    reopened.close()
+
+
+def test_a_failed_background_write_is_raised_at_the_next_call(tmp_path: Path) -> None:
+    store = SqliteAuditStore(tmp_path / "b.sqlite3")
+    store.migrate()
+    audit = WriteBehindAudit(store)
+    unknown = new_key()
+    audit.update_order(unknown, OrderStatus.FILLED, at=datetime.now(UTC))  # never recorded: the store refuses it
+    with pytest.raises(StoreError, match="never recorded"):
+        audit.flush()
+    audit.close()
+
+
+def test_update_now_is_durable_before_it_returns(tmp_path: Path) -> None:
+    store = SqliteAuditStore(tmp_path / "c.sqlite3")
+    store.migrate()
+    audit = WriteBehindAudit(store)
+    key = new_key()
+    audit.record_intent(_intent(key))
+    audit.update_order_now(key, OrderStatus.SENT, at=datetime.now(UTC))
+    other = SqliteAuditStore(tmp_path / "c.sqlite3")  # another process's view
+    assert other.order(key).status is OrderStatus.SENT  # type: ignore[union-attr]
+    other.close()
+    audit.close()
