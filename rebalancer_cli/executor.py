@@ -34,7 +34,7 @@ from .errors import (
     RefusedError,
     RetryableExchangeError,
 )
-from .exchange.base import Exchange, FillInfo, OrderResult
+from .exchange.base import Exchange, FillInfo, OrderResult, fees_by_currency
 from .ledger.base import ShadowLedger
 from .planner import Plan, PlannerState, Trade, round_down
 from .planner import plan as make_plan
@@ -561,10 +561,7 @@ class Executor:
                 self.audit.record_fill(
                     Fill(intent.key, f.trade_id, f.amount, f.price, f.fee, f.fee_currency or quote, f.at)
                 )
-        fees: dict[str, Decimal] = {}
-        for f in fills:
-            ccy = f.fee_currency or quote
-            fees[ccy] = fees.get(ccy, ZERO) + f.fee
+        fees = fees_by_currency(fills, quote)
         net: dict[str, Decimal] = {}
         if filled > 0:
             sign = 1 if intent.side == "buy" else -1

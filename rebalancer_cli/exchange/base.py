@@ -7,7 +7,7 @@ ccxt supports). Both speak in Decimals and the project's own errors, so the exec
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -30,6 +30,15 @@ class FillInfo:
     fee: Decimal
     fee_currency: str
     at: datetime
+
+
+def fees_by_currency(fills: Iterable[FillInfo], default_currency: str = "") -> dict[str, Decimal]:
+    """Fees of fills summed per currency (a fill without a currency counts in `default_currency`)."""
+    fees: dict[str, Decimal] = {}
+    for f in fills:
+        currency = f.fee_currency or default_currency
+        fees[currency] = fees.get(currency, ZERO) + f.fee
+    return fees
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,7 +51,7 @@ from ..errors import (
 from ..fsutil import atomic_write_text
 from ..planner import PlannerState, needs_book
 from ..snapshot import Level, Market, Snapshot
-from .base import FillInfo, OrderResult
+from .base import FillInfo, OrderResult, fees_by_currency
 from .breaker import CircuitBreaker
 from .ratelimit import RateLimiter, bucket_for_exchange, limit_per_minute_from_ccxt
 from .retry import RetryPolicy, call_with_retry
@@ -571,9 +571,7 @@ class CcxtExchange:
         fills = tuple(_fill(t) for t in trades or [] if str(t.get("order")) == order.exchange_order_id)
         if not fills:
             return order
-        fees: dict[str, Decimal] = {}
-        for f in fills:
-            fees[f.fee_currency] = fees.get(f.fee_currency, ZERO) + f.fee
+        fees = fees_by_currency(fills)
         return OrderResult(
             client_order_id=order.client_order_id,
             exchange_order_id=order.exchange_order_id,
@@ -614,11 +612,8 @@ class CcxtExchange:
         if average is None and filled:
             average = cost / filled
         fills = tuple(_fill(t) for t in raw.get("trades") or [])
-        fees: dict[str, Decimal] = {}
-        if fills:
-            for f in fills:
-                fees[f.fee_currency] = fees.get(f.fee_currency, ZERO) + f.fee
-        else:
+        fees = fees_by_currency(fills)
+        if not fills:
             for fee in raw.get("fees") or ([raw["fee"]] if raw.get("fee") else []):
                 amount = to_decimal((fee or {}).get("cost"), "fee")
                 currency = (fee or {}).get("currency")
