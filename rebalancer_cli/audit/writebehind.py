@@ -2,8 +2,8 @@
 
 The order intent must be durable before the order is sent: after a crash it is what tells the next run to look
 the order up. Everything else (status changes, fills, events, the plan's outcome) can be derived again from the
-exchange by that lookup, so it is written by a background thread while the cycle goes on. Reads and intents
-first wait for the queue to drain, so a caller always sees its own writes. A failed background write is raised
+exchange by that lookup, so it is written by a background thread while the cycle goes on. Reads first wait for
+the queue to drain, so a caller always sees its own writes. A failed background write is raised
 at the next call instead of being lost silently.
 """
 
@@ -106,7 +106,9 @@ class WriteBehindAudit:
     # -- synchronous: the intent, and every read -----------------------------------------------------------
 
     def record_intent(self, intent: OrderIntent) -> bool:
-        self.flush()
+        # straight through without draining the queue: an intent is the first write of its key, and what is
+        # queued concerns other keys (or the plan row, which nothing references)
+        self._raise_pending()
         return self.store.record_intent(intent)
 
     def order(self, key: str) -> OrderRecord | None:
