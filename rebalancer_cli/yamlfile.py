@@ -129,6 +129,9 @@ def loads(text: str, *, file: str, kind: str) -> Located:
         # PyYAML splits a reason into context ("while parsing a flow sequence") and problem; both help
         parts = [part for part in (exc.context, exc.problem) if part]
         reason = ", ".join(parts) or "invalid YAML"
+        if "maximum nesting depth" in reason:
+            # newer libyaml refuses deep nesting itself, scanning ahead of our own check: say it our way
+            raise InvalidFileError([Problem(file, line, col, "", f"nested deeper than {MAX_DEPTH} levels")]) from None
         raise InvalidFileError([Problem(file, line, col, "", f"not valid YAML: {_one_line(reason)}")]) from None
     except yaml.reader.ReaderError as exc:
         # a forbidden character: its message spans lines and counts characters; give line:col instead

@@ -507,7 +507,8 @@ BAD_INPUTS = [
         ":1:1 the top level of a config file must be a mapping of keys, not a single value (42)",
     ),
     ("two-documents", b"a: 1\n---\nb: 2\n", ":2:1 not valid YAML: expected a single document in the stream"),
-    ("deep-nesting", b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", ":1:67 nested deeper than 64 levels"),
+    # the position depends on the libyaml version (newer ones refuse deep nesting while scanning ahead)
+    ("deep-nesting", b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested deeper than 64 levels"),
     ("recursive-alias", b"a: &x [*x]\n", "YAML aliases make the document nested deeper than 64 levels"),
     (
         "billion-laughs",
