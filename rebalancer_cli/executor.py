@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal
 from typing import Any
 
@@ -660,6 +660,3 @@ class Executor:
             return None
         return sum((abs(a.target_weight - values[a.symbol] / total) for a in plan.assets), ZERO)
 
-
-def keep_recent(records: list[OrderRecord], within: timedelta, now: datetime) -> list[OrderRecord]:
-    return [r for r in records if now - r.intent.created_at <= within]
