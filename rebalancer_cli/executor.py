@@ -90,7 +90,8 @@ class OrderOutcome:
             "amount": format(self.amount, "f"),
             "status": self.status,
             "filled": format(self.filled, "f"),
-            "avg_price": format(self.avg_price, "f") if self.avg_price is not None else None,
+            # a quotient: shown to 12 decimals; the books keep the exact cost
+            "avg_price": format(self.avg_price.quantize(Decimal("1e-12")), "f") if self.avg_price is not None else None,
             "cost": format(self.cost, "f"),
             "fees": {k: format(v, "f") for k, v in self.fees.items()},
             "reason": self.reason,
@@ -550,8 +551,9 @@ class Executor:
             ]
         filled = sum((f.amount for f in fills), ZERO)
         cost = sum((f.amount * f.price for f in fills), ZERO)
-        if synthesized or filled != result.filled:
-            # the fills listed do not add up to what the order says: trust the order's totals for the books
+        if synthesized or filled != result.filled or result.cost > 0:
+            # The order's totals are what the exchange booked: a fill's price may be a rounded quotient, so the
+            # books take the exchange's own cost (and its filled amount when the listed fills do not add up).
             filled, cost = result.filled, result.cost
         recorded = None if first_report else self.audit.order(intent.key)
         if recorded is None or recorded.filled < filled:
@@ -659,4 +661,3 @@ class Executor:
         if total <= 0:
             return None
         return sum((abs(a.target_weight - values[a.symbol] / total) for a in plan.assets), ZERO)
-
