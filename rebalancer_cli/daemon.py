@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -22,12 +23,14 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,12 @@ MAX_BACKOFF_SECONDS = 900.0
 RESTART_KEYS = ("redis_url", "database_url", "state_dir")
 # An exchange client is rebuilt after this long, so that a long-running daemon reads market rules again.
 CLIENT_MAX_AGE = 600.0
+# Config files checked for changes per reload call (one a second), at least; with more than RELOAD_SLICE *
+# RELOAD_SWEEP portfolios each file is checked once every RELOAD_SWEEP calls.
+RELOAD_SLICE = 1000
+RELOAD_SWEEP = 5
+# Portfolios claimed per round trip to the lease store; every claim is then fenced in the ledger one by one.
+CLAIM_CHUNK = 200
 logger = logging.getLogger("rebalance")
 
 
@@ -64,6 +73,11 @@ class Slot:
     free_since: float | None = None
     # taken above the fair share because no other instance wanted it: never handed back
     surplus: bool = False
+    # which lease store the portfolio's lease lives in (its stores cannot change while the daemon runs)
+    lease_key: tuple[str, str] = ("", "")
+    # the lease token under which this instance last recorded a cycle: while it still holds that lease, the
+    # schedule in the store is its own and need not be read back
+    scheduled_under: int | None = None
 
     @property
     def pid(self) -> str:
@@ -78,9 +92,12 @@ def discover(paths: list[Path], known: set[Path] | frozenset[Path] = frozenset()
     for p in paths:
         if p.is_dir():
             found += sorted(
-                f
-                for f in p.iterdir()
-                if f.suffix in CONFIG_SUFFIXES and (f in known or (f.is_file() and not _is_snapshot(f)))
+                (
+                    f
+                    for f in p.iterdir()
+                    if f.suffix in CONFIG_SUFFIXES and (f in known or (f.is_file() and not _is_snapshot(f)))
+                ),
+                key=str,  # comparing Path objects costs ten times more than their text, for the same order
             )
         else:
             found.append(p)
@@ -107,6 +124,516 @@ def _register_secrets(config: Config) -> None:
             register_secret(value)
 
 
+def _store_key(kind: str, config: Config) -> tuple[str, str]:
+    url = config.redis_url if kind in ("ledger", "leases") else config.database_url
+    return (kind, f"{url or ''}|{config.resolved_state_dir()}")
+
+
+def _schedule_key(pid: str) -> str:
+    """The last cycle's time is shared state: a successor instance keeps the schedule."""
+    return f"{pid}.daemon"
+
+
+@dataclass
+class CycleResult:
+    """What one cycle tells the daemon, for its schedule, metrics and logs; plain data, because a cycle may run
+    in a worker process.
+
+    `kind`: ran (the executor finished; `status` is its report's), scheduled (another instance ran the
+    portfolio recently: it is due in `due_in` seconds), halted, fenced (the lease was lost), error, bug, or
+    stopped (the daemon was stopping: nothing was done)."""
+
+    kind: str
+    started: float = 0.0
+    worker: int = field(default_factory=os.getpid)  # the process that ran the cycle
+    due_in: float = 0.0
+    elapsed: float = 0.0
+    has_report: bool = False
+    status: str = ""
+    traded: bool = False
+    drift: Decimal | None = None
+    cost_ratio: float | None = None
+    orders: list[dict[str, str]] = field(default_factory=list)
+    order_results: list[tuple[str, str]] = field(default_factory=list)  # (side, status) of each order
+    lock_failures: int = 0
+    decisions: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+    exit_code: int | None = None
+    traceback: str = ""
+    api_calls: dict[str, int] = field(default_factory=dict)
+    exchange_id: str = ""
+    breaker_value: float | None = None
+    rate_limit_remaining: float | None = None
+
+
+class CycleRunner:
+    """Stores, exchange clients, per-account guards, and the cycle itself: one in the daemon's process, and one
+    in each worker process when the daemon runs several (`processes`).
+
+    `share` is how many runners split each exchange account's request budget: a bucket kept in Redis is
+    shared by all of them anyway, a local one gets its share of the budget."""
+
+    def __init__(self, stopping: threading.Event, *, share: int = 1) -> None:
+        self.stopping = stopping
+        self.share = share
+        self._stores: dict[tuple[str, str], Any] = {}
+        self._limiters: dict[str, Any] = {}
+        self._breakers: dict[str, Any] = {}
+        self._idle_clients: dict[str, list[tuple[float, Any]]] = {}
+        self._remaining: dict[int, tuple[float, float]] = {}  # rate-limit budget left, by bucket: (read at, value)
+        self._lock = threading.Lock()
+
+    def store(self, kind: str, config: Config) -> Any:
+        key = _store_key(kind, config)
+        with self._lock:
+            if key not in self._stores:
+                if kind == "ledger":
+                    from .runtime import open_ledger_for
+
+                    self._stores[key] = open_ledger_for(config)
+                elif kind == "audit":
+                    from .runtime import open_audit_for
+
+                    self._stores[key] = open_audit_for(config)
+                else:
+                    self._stores[key] = open_leases(config.redis_url, config.resolved_state_dir())
+            return self._stores[key]
+
+    def stores(self) -> list[tuple[str, Any]]:
+        with self._lock:
+            return [(kind, store) for (kind, _), store in self._stores.items()]
+
+    def close_clients(self) -> None:
+        with self._lock:
+            idle = [c for clients in self._idle_clients.values() for _, c in clients]
+            self._idle_clients.clear()
+        for client in idle:
+            with contextlib.suppress(Exception):  # closing is best effort at exit
+                client.close()
+
+    def close_stores(self) -> None:
+        with self._lock:
+            for store in self._stores.values():
+                with contextlib.suppress(Exception):  # closing is best effort at exit
+                    store.close()
+            self._stores.clear()
+
+    @staticmethod
+    def _client_key(config: Config) -> str:
+        """Which pooled clients a config may use: the same exchange block and state directory (the caches)."""
+        return json.dumps([config.exchange.model_dump(mode="json"), str(config.resolved_state_dir())])
+
+    @contextlib.contextmanager
+    def exchange(self, config: Config) -> Iterator[Any]:
+        """An exchange client for one cycle.
+
+        ccxt clients are reused across the cycles of every portfolio on the same account: building one and
+        loading its markets costs more CPU than a whole idle cycle. A client serves one cycle at a time (so its
+        call counts are that cycle's), is closed instead of reused after a failure, and is replaced after
+        CLIENT_MAX_AGE so that market rules (lot sizes, fees) are read again.
+        """
+        if config.exchange.is_paper:
+            from .runtime import open_exchange
+
+            paper = open_exchange(config)
+            try:
+                yield paper
+            finally:
+                paper.close()
+            return
+        from .exchange.ccxt_exchange import CcxtExchange
+
+        key = self._client_key(config)
+        now = time.monotonic()
+        client = None
+        with self._lock:
+            idle = self._idle_clients.setdefault(key, [])
+            while idle and client is None:
+                born, candidate = idle.pop()
+                if now - born < CLIENT_MAX_AGE:
+                    client = (born, candidate)
+                else:
+                    candidate.close()
+        if client is None:
+            limiter, breaker = self.shared_guards(config)
+            client = (now, CcxtExchange.from_config(config, limiter=limiter, breaker=breaker))
+        ok = False
+        try:
+            yield client[1]
+            ok = True
+        finally:
+            if ok and not self.stopping.is_set():
+                with self._lock:
+                    self._idle_clients[key].append(client)
+            else:
+                client[1].close()
+
+    def shared_guards(self, config: Config) -> tuple[Any, Any]:
+        """One rate-limit bucket and one circuit breaker per exchange account, across every portfolio on it.
+
+        The bucket is shared through Redis with every other instance. The breaker must outlive a cycle (each
+        cycle builds a fresh exchange client): a breaker born with each cycle would never see enough
+        consecutive failures to open, and a failing exchange would be hammered by every portfolio.
+        """
+        ex = config.exchange
+        account = "|".join([ex.id, ex.api_url or "", *sorted(ex.credentials_env.values())])
+        with self._lock:
+            if account not in self._limiters:
+                import ccxt
+
+                from .exchange.breaker import BreakerState, CircuitBreaker
+                from .exchange.ratelimit import bucket_for_exchange, limit_per_minute_from_ccxt, rate_limit_key
+
+                per_minute = (
+                    float(ex.rate_limit_per_minute)
+                    if ex.rate_limit_per_minute
+                    else (limit_per_minute_from_ccxt(getattr(ccxt, ex.id)().rateLimit))
+                )
+                client = None
+                if config.redis_url:
+                    from .ledger.redis import connect
+
+                    client = connect(config.redis_url)
+                digest = uuid.uuid5(uuid.NAMESPACE_URL, account).hex[:12]
+                self._limiters[account] = bucket_for_exchange(
+                    per_minute if client else per_minute / self.share,
+                    client=client,
+                    key=rate_limit_key(ex.id, digest) if client else None,
+                    max_cost=50.0,
+                )
+
+                def on_change(_old: BreakerState, new: BreakerState) -> None:
+                    log(logger, logging.WARNING, "circuit breaker", exchange=ex.id, state=str(new))
+
+                self._breakers[account] = CircuitBreaker(
+                    ex.id, failure_threshold=5, reset_timeout=30.0, on_state_change=on_change
+                )
+            return self._limiters[account], self._breakers[account]
+
+    # -- the cycle itself ------------------------------------------------------------------------------------
+
+    def run(
+        self,
+        config: Config,
+        token: int,
+        *,
+        own_schedule: bool,
+        cycle: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> CycleResult:
+        """One cycle through the executor; never raises: whatever happened is in the result.
+
+        `own_schedule`: this instance recorded the portfolio's last cycle under this very lease, so the schedule
+        kept in the store is its own and is not read back."""
+        result = CycleResult("ran", started=clock())
+        if self.stopping.is_set():
+            result.kind = "stopped"
+            return result
+        from .executor import Executor
+
+        pid = config.portfolio_id
+        try:
+            ledger = self.store("ledger", config)
+            if not own_schedule:
+                due_in = self._due_in(ledger, config)
+                if due_in > 0:
+                    # another instance ran it recently (a takeover): keep its schedule
+                    result.kind, result.due_in = "scheduled", due_in
+                    return result
+            audit = self.store("audit", config)
+            t0 = time.perf_counter()
+            with self.exchange(config) as exchange:
+                before = dict(exchange.calls)
+                try:
+                    with span("cycle", portfolio=pid, cycle=cycle):
+                        report = Executor(config, exchange, ledger, audit, fence=token, stop=self.stopping).run()
+                finally:
+                    result.elapsed = time.perf_counter() - t0
+                    self._exchange_figures(exchange, before, result)
+            _summarize(report, result)
+            ledger.set_memory(_schedule_key(pid), json.dumps({"last_cycle": time.time()}), fence=token)
+        except HaltedError as exc:
+            result.kind, result.error = "halted", str(exc)
+        except LeaseLostError as exc:
+            result.kind, result.error = "fenced", str(exc)
+        except RebalanceError as exc:
+            result.kind, result.error, result.exit_code = "error", str(exc), exc.exit_code
+        except Exception as exc:  # one portfolio's bug must not stop the others
+            result.kind, result.error = "bug", f"{type(exc).__name__}: {exc}"
+            result.traceback = traceback.format_exc()
+        return result
+
+    def _exchange_figures(self, exchange: Any, before: dict[str, int], result: CycleResult) -> None:
+        """API calls, breaker and rate-limit budget, also of a failed cycle (when they matter most).
+
+        The budget left is read at most once a second per account: a bucket shared through Redis costs a round
+        trip to read, and thousands of cycles a minute would add one each for a gauge."""
+        result.exchange_id = str(getattr(exchange, "id", ""))
+        result.api_calls = {e: n - before.get(e, 0) for e, n in exchange.calls.items() if n - before.get(e, 0)}
+        breaker = getattr(exchange, "breaker", None)
+        if breaker is not None:
+            result.breaker_value = float(breaker.state_value)
+        limiter = getattr(exchange, "limiter", None)
+        if limiter is None:
+            return
+        now = time.monotonic()
+        read = self._remaining.get(id(limiter))
+        if read is None or now - read[0] >= 1.0:
+            with contextlib.suppress(RebalanceError):  # a shared bucket's store may be down: a gauge can wait
+                read = (now, float(limiter.remaining()))
+                self._remaining[id(limiter)] = read
+        result.rate_limit_remaining = read[1] if read is not None else None
+
+    @staticmethod
+    def _due_in(ledger: Any, config: Config) -> float:
+        try:
+            memory = json.loads(ledger.get_memory(_schedule_key(config.portfolio_id)) or "{}")
+        except ValueError:
+            memory = {}
+        last_wall = memory.get("last_cycle") if isinstance(memory, dict) else None
+        if not last_wall:
+            return 0.0
+        interval = float(config.interval)
+        waited = time.time() - float(last_wall)  # negative when the last holder's clock ran ahead of ours
+        return min(interval, max(0.0, interval - waited))
+
+
+def _summarize(report: Any, result: CycleResult) -> None:
+    result.has_report = True
+    result.status = report.status
+    plan = report.plan
+    result.traded = plan is not None and bool(plan.trades)
+    result.drift = report.drift_after if report.drift_after is not None else report.drift_before
+    if plan is not None:
+        benefit = sum((a.drift_value for a in plan.assets if a.decision == "trade"), Decimal(0))
+        result.cost_ratio = float(plan.summary.est_total_cost / benefit) if benefit else 0.0
+        result.decisions = {a.symbol: a.reason for a in plan.assets}
+    for o in report.outcomes:
+        result.order_results.append((o.side, o.status))
+        result.lock_failures += "shadow ledger refused" in o.reason
+        result.orders.append(
+            {
+                "market": o.market,
+                "side": o.side,
+                "amount": format(o.amount, "f"),
+                "status": o.status,
+                "filled": format(o.filled, "f"),
+                "idempotency_key": o.key,
+            }
+        )
+
+
+# -- worker processes -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing.Process (spawn context)
+    tasks: Connection  # the daemon's end: configs and tokens to run
+    results: Connection  # the daemon's end: CycleResults back
+    running: int = 0
+
+
+class WorkerProcesses:
+    """Cycles in worker processes, `threads` at once in each. The daemon's process keeps the schedule, the
+    leases, the metrics and the logs; a worker gets a portfolio's config and lease token, runs the cycle with
+    stores and exchange clients of its own, and sends back a CycleResult.
+
+    A worker that dies (killed, out of memory) fails the cycles it was running as bugs and is replaced. The stop
+    flag reaches every worker, which then, like the threads of a single process, finishes the order in flight
+    and starts nothing new. Workers ignore SIGINT and SIGTERM: a Ctrl-C on a terminal reaches the whole process
+    group, and only the daemon's process decides when they stop. A worker whose daemon is gone (its end of the
+    task pipe closed, even by SIGKILL) exits after its cycles in flight.
+    """
+
+    def __init__(self, processes: int, threads: int) -> None:
+        import multiprocessing
+
+        self._ctx = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+        self._processes = processes
+        self._threads = threads
+        self._lock = threading.Lock()
+        self._send = threading.Lock()  # one writer at a time on a worker's task pipe
+        self._ids = itertools.count()
+        self._pending: dict[int, tuple[Future[CycleResult], _Worker]] = {}
+        self._closed = False
+        self._stopping = False
+        self._workers = [self._spawn() for _ in range(processes)]
+        self._collector = threading.Thread(target=self._collect, name="cycle-results", daemon=True)
+        self._collector.start()
+
+    def _spawn(self) -> _Worker:
+        from .telemetry import JsonFormatter, tracing_endpoint
+
+        task_reader, task_writer = self._ctx.Pipe(duplex=False)
+        result_reader, result_writer = self._ctx.Pipe(duplex=False)
+        root = logging.getLogger("rebalance")
+        fmt = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+        level = logging.getLevelName(root.getEffectiveLevel())
+        process = self._ctx.Process(
+            target=_worker_main,
+            args=(task_reader, result_writer, self._threads, self._processes, fmt, level, tracing_endpoint()),
+            name="rebalance-worker",
+        )
+        process.start()
+        task_reader.close()  # the worker's ends: closed here, so that either side sees the other one go
+        result_writer.close()
+        return _Worker(process, task_writer, result_reader)
+
+    @property
+    def alive(self) -> int:
+        with self._lock:
+            return sum(1 for w in self._workers if w.process.is_alive())
+
+    def submit(self, config: Config, token: int, *, own_schedule: bool, cycle: int) -> Future[CycleResult]:
+        future: Future[CycleResult] = Future()
+        future.set_running_or_notify_cancel()
+        with self._lock:
+            # the least busy; a dead one stays listed (with its cycles failed) only until its replacement runs
+            worker = min(self._workers, key=lambda w: (not w.process.is_alive(), w.running))
+            task_id = next(self._ids)
+            self._pending[task_id] = (future, worker)
+            worker.running += 1
+        try:
+            with self._send:
+                worker.tasks.send(("run", task_id, config, token, own_schedule, cycle))
+        except (OSError, ValueError) as exc:  # the worker is gone: the collector replaces it
+            self._resolve(task_id, CycleResult("error", error=f"worker process unreachable: {exc}"))
+        return future
+
+    def _resolve(self, task_id: int, result: CycleResult) -> None:
+        with self._lock:
+            entry = self._pending.pop(task_id, None)
+            if entry is not None:
+                entry[1].running -= 1
+        if entry is not None:
+            entry[0].set_result(result)  # runs the daemon's callback, here, outside the lock
+
+    def _collect(self) -> None:
+        from multiprocessing.connection import wait
+
+        while True:
+            with self._lock:
+                if self._closed and not self._pending:
+                    return
+                workers = list(self._workers)
+            by_handle: dict[Any, _Worker] = {}
+            for w in workers:
+                by_handle[w.results] = w
+                by_handle[w.process.sentinel] = w
+            for ready in wait(list(by_handle), timeout=0.5):
+                worker = by_handle[ready]
+                if ready is worker.results:
+                    self._drain(worker)
+                elif not worker.process.is_alive():
+                    self._drain(worker)  # what it sent before it went
+                    self._replace(worker)
+
+    def _drain(self, worker: _Worker) -> None:
+        try:
+            while worker.results.poll():
+                task_id, result = worker.results.recv()
+                self._resolve(task_id, result)
+        except (EOFError, OSError):
+            pass  # the worker is gone; its sentinel says so next
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.process.join(timeout=1)
+        with self._lock:
+            if worker not in self._workers:
+                return
+            lost = [task_id for task_id, (_, w) in self._pending.items() if w is worker]
+            replace = not self._closed
+            if not replace:
+                self._workers.remove(worker)
+        for task_id in lost:
+            self._resolve(
+                task_id, CycleResult("bug", error=f"worker process exited ({worker.process.exitcode}) mid-cycle")
+            )
+        with contextlib.suppress(OSError):
+            worker.tasks.close()
+            worker.results.close()
+        if replace:
+            log(logger, logging.ERROR, "worker process died; replaced", exit_code=worker.process.exitcode)
+            fresh = self._spawn()
+            if self._stopping:
+                with self._send, contextlib.suppress(OSError, ValueError):
+                    fresh.tasks.send(("stop",))
+            with self._lock:
+                self._workers.append(fresh)
+                self._workers.remove(worker)
+
+    def _tell_all(self, message: Any) -> list[_Worker]:
+        with self._lock:
+            workers = list(self._workers)
+        for w in workers:
+            with self._send, contextlib.suppress(OSError, ValueError):
+                w.tasks.send(message)
+        return workers
+
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
+        """Stop the workers' cycles: those queued end at once, those running finish their order in flight.
+
+        Told through each worker's task pipe, never a multiprocessing Event: a worker killed while waiting on
+        one leaves it locked, and setting it would then hang the daemon's stop."""
+        self._stopping = True
+        self._tell_all(("stop",))
+
+    def close(self, *, wait: bool) -> None:
+        """No more cycles: each worker exits once its cycles in flight are over (waited for with `wait`)."""
+        with self._lock:
+            self._closed = True
+        workers = self._tell_all(None)
+        if wait:
+            for w in workers:
+                w.process.join(timeout=5)
+
+
+def _worker_main(
+    tasks: Connection, results: Connection, threads: int, share: int, fmt: str, level: str, otlp: str | None
+) -> None:
+    """A worker process: run the cycles the daemon sends, `threads` at once, and send back what happened."""
+    import signal
+
+    from .telemetry import configure_tracing, setup_logging
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    setup_logging(fmt, level)
+    if otlp:
+        configure_tracing(otlp)
+    stopping = threading.Event()
+    runner = CycleRunner(stopping, share=share)
+    send = threading.Lock()
+
+    def run(task_id: int, config: Config, token: int, own_schedule: bool, cycle: int) -> None:
+        result = runner.run(config, token, own_schedule=own_schedule, cycle=cycle)
+        with send:
+            try:
+                results.send((task_id, result))
+            except (OSError, ValueError, EOFError):
+                pass  # the daemon is gone
+            except Exception as exc:  # a result that cannot be pickled must still free the portfolio
+                results.send((task_id, CycleResult("bug", error=f"cycle result not sendable: {exc}")))
+
+    with ThreadPoolExecutor(threads, "cycle") as pool:
+        while True:
+            try:
+                message = tasks.recv()
+            except (EOFError, OSError):
+                stopping.set()
+                break  # the daemon is gone
+            if message is None:
+                break
+            if message[0] == "stop":
+                stopping.set()  # the executor checks it between orders
+                continue
+            _register_secrets(message[2])
+            pool.submit(run, *message[1:])
+    runner.close_clients()
+    runner.close_stores()
+
+
 class Daemon:
     def __init__(
         self,
@@ -115,11 +642,16 @@ class Daemon:
         instance_id: str | None = None,
         lease_ttl: float = 15.0,
         workers: int = 8,
+        processes: int = 1,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         tick: float = 0.2,
         join_delay: float | None = None,
     ) -> None:
+        """`workers` cycles run at once in each process; with `processes` > 1 they run in that many worker
+        processes (each with its own stores and exchange clients), so that one instance is not bound to the one
+        core Python's interpreter lock lets a process use. Worker processes time cycles with the system's
+        monotonic clock, whatever `clock` is."""
         self.paths = paths
         # A random tag even on a given name: two processes started with the same --instance-id would otherwise
         # both "hold" every lease either of them took, and trade the same portfolios side by side.
@@ -133,14 +665,14 @@ class Daemon:
         self.clock = clock
         self.tick = tick
         self.stopping = threading.Event()
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cycle")
+        self.runner = CycleRunner(self.stopping)
+        self.pool: ThreadPoolExecutor | WorkerProcesses = (
+            WorkerProcesses(processes, workers) if processes > 1 else ThreadPoolExecutor(workers, "cycle")
+        )
         self.slots: dict[str, Slot] = {}
-        self._stores: dict[tuple[str, str], Any] = {}
-        self._limiters: dict[str, Any] = {}
-        self._breakers: dict[str, Any] = {}
-        self._idle_clients: dict[str, list[tuple[float, Any]]] = {}
         self._rejected: dict[Path, float] = {}  # new config files refused, by the version refused
-        self._lock = threading.Lock()
+        self._listing_marks: list[float | None] = []
+        self._reload_cursor = 0
         self.last_tick = clock()
         self.live_instances: dict[str, int] = {}
         self._load_all()
@@ -152,7 +684,7 @@ class Daemon:
         # rendezvous order: each instance prefers different portfolios, so racing claims rarely collide
         rank = hashlib.sha256(f"{self.instance_id}|{config.portfolio_id}".encode()).hexdigest()
         self.metrics.lock_failures.labels(config.portfolio_id)  # the series exists at 0 before any failure
-        return Slot(path, config, path.stat().st_mtime, rank=rank)
+        return Slot(path, config, path.stat().st_mtime, rank=rank, lease_key=_store_key("leases", config))
 
     def _load_all(self) -> None:
         problems: list[str] = []
@@ -176,15 +708,22 @@ class Daemon:
         New files in a config directory are added the same way; a portfolio whose file is gone is dropped
         once its cycle is over, and its lease handed back.
         """
-        for slot in list(self.slots.values()):
+        slots = list(self.slots.values())
+        # thousands of files are checked a slice a call, so that each is still seen within a few seconds
+        share = min(len(slots), max(RELOAD_SLICE, math.ceil(len(slots) / RELOAD_SWEEP)))
+        start = self._reload_cursor % max(len(slots), 1)
+        self._reload_cursor = start + share
+        for slot in (slots[start:] + slots[:start])[:share]:
             try:
-                mtime = slot.path.stat().st_mtime
+                mtime = os.stat(slot.path).st_mtime
             except OSError:
                 self._drop(slot)
                 continue
             if mtime != slot.mtime:
                 slot.mtime = mtime
                 self._reload(slot)
+        if not self._listing_changed():
+            return
         known = {s.path for s in self.slots.values()}
         try:
             paths = discover(self.paths, known)
@@ -219,6 +758,23 @@ class Daemon:
             self._rejected.pop(path, None)
             self.slots[config.portfolio_id] = self._new_slot(path, config)
             log(logger, logging.INFO, "config added", portfolio=config.portfolio_id, path=str(path))
+
+    def _listing_changed(self) -> bool:
+        """Whether the config directories must be listed again: a directory's mtime moves when a file is added,
+        removed or renamed into it, and a rejected file may have been fixed in place. Listing thousands of files
+        every second cost more than all the portfolios' cycles together at that scale.
+
+        A change within the last seconds is listed again regardless: a file created in the same clock tick as
+        the previous listing leaves the directory's mtime where that listing saw it."""
+        marks: list[float | None] = []
+        for path in [*self.paths, *self._rejected]:
+            try:
+                marks.append(os.stat(path).st_mtime)
+            except OSError:
+                marks.append(None)
+        changed = marks != self._listing_marks or time.time() - max((m for m in marks if m), default=0.0) < 3.0
+        self._listing_marks = marks
+        return changed
 
     def _reload(self, slot: Slot) -> None:
         try:
@@ -265,120 +821,14 @@ class Daemon:
         self.slots.pop(slot.pid, None)
         log(logger, logging.INFO, "config removed", portfolio=slot.pid, path=str(slot.path))
 
-    # -- stores, shared per URL --------------------------------------------------------------------------
-
-    def _store_key(self, kind: str, config: Config) -> tuple[str, str]:
-        url = config.redis_url if kind in ("ledger", "leases") else config.database_url
-        return (kind, f"{url or ''}|{config.resolved_state_dir()}")
+    # -- stores, shared per URL (the daemon's own: leases, fences, health) --------------------------------
 
     def _store(self, kind: str, config: Config) -> Any:
-        key = self._store_key(kind, config)
-        with self._lock:
-            if key not in self._stores:
-                if kind == "ledger":
-                    from .runtime import open_ledger_for
-
-                    self._stores[key] = open_ledger_for(config)
-                elif kind == "audit":
-                    from .runtime import open_audit_for
-
-                    self._stores[key] = open_audit_for(config)
-                else:
-                    self._stores[key] = open_leases(config.redis_url, config.resolved_state_dir())
-            return self._stores[key]
+        return self.runner.store(kind, config)
 
     def _leases(self, config: Config) -> LeaseStore:
-        store: LeaseStore = self._store("leases", config)
+        store: LeaseStore = self.runner.store("leases", config)
         return store
-
-    @contextlib.contextmanager
-    def _exchange(self, config: Config) -> Iterator[Any]:
-        """An exchange client for one cycle.
-
-        ccxt clients are reused across the cycles of every portfolio on the same account: building one and
-        loading its markets costs more CPU than a whole idle cycle. A client serves one cycle at a time (so its
-        call counts are that cycle's), is closed instead of reused after a failure, and is replaced after
-        CLIENT_MAX_AGE so that market rules (lot sizes, fees) are read again.
-        """
-        if config.exchange.is_paper:
-            from .runtime import open_exchange
-
-            paper = open_exchange(config)
-            try:
-                yield paper
-            finally:
-                paper.close()
-            return
-        from .exchange.ccxt_exchange import CcxtExchange
-
-        key = json.dumps([config.exchange.model_dump(mode="json"), str(config.resolved_state_dir())], sort_keys=True)
-        now = time.monotonic()
-        client = None
-        with self._lock:
-            idle = self._idle_clients.setdefault(key, [])
-            while idle and client is None:
-                born, candidate = idle.pop()
-                if now - born < CLIENT_MAX_AGE:
-                    client = (born, candidate)
-                else:
-                    candidate.close()
-        if client is None:
-            limiter, breaker = self._shared_guards(config)
-            client = (now, CcxtExchange.from_config(config, limiter=limiter, breaker=breaker))
-        ok = False
-        try:
-            yield client[1]
-            ok = True
-        finally:
-            if ok and not self.stopping.is_set():
-                with self._lock:
-                    self._idle_clients[key].append(client)
-            else:
-                client[1].close()
-
-    def _shared_guards(self, config: Config) -> tuple[Any, Any]:
-        """One rate-limit bucket and one circuit breaker per exchange account, across every portfolio on it.
-
-        The bucket is shared through Redis with every other instance. The breaker must outlive a cycle (each
-        cycle builds a fresh exchange client): a breaker born with each cycle would never see enough
-        consecutive failures to open, and a failing exchange would be hammered by every portfolio.
-        """
-        ex = config.exchange
-        account = "|".join([ex.id, ex.api_url or "", *sorted(ex.credentials_env.values())])
-        with self._lock:
-            if account not in self._limiters:
-                import ccxt
-
-                from .exchange.breaker import BreakerState, CircuitBreaker
-                from .exchange.ratelimit import bucket_for_exchange, limit_per_minute_from_ccxt, rate_limit_key
-
-                per_minute = (
-                    float(ex.rate_limit_per_minute)
-                    if ex.rate_limit_per_minute
-                    else (limit_per_minute_from_ccxt(getattr(ccxt, ex.id)().rateLimit))
-                )
-                client = None
-                if config.redis_url:
-                    from .ledger.redis import connect
-
-                    client = connect(config.redis_url)
-                digest = uuid.uuid5(uuid.NAMESPACE_URL, account).hex[:12]
-                self._limiters[account] = bucket_for_exchange(
-                    per_minute, client=client, key=rate_limit_key(ex.id, digest) if client else None, max_cost=50.0
-                )
-                gauge = self.metrics.breaker.labels(ex.id)
-                gauge.set(0)
-
-                def on_change(_old: BreakerState, new: BreakerState) -> None:
-                    from .exchange.breaker import STATE_VALUES
-
-                    gauge.set(STATE_VALUES[new])
-                    log(logger, logging.WARNING, "circuit breaker", exchange=ex.id, state=str(new))
-
-                self._breakers[account] = CircuitBreaker(
-                    ex.id, failure_threshold=5, reset_timeout=30.0, on_state_change=on_change
-                )
-            return self._limiters[account], self._breakers[account]
 
     # -- the loop ------------------------------------------------------------------------------------------
 
@@ -402,8 +852,7 @@ class Daemon:
                     self._guarded(functools.partial(self._lease_tick, now, claim=claim))
                 for slot in list(self.slots.values()):
                     if slot.token is not None and slot.running is None and now >= slot.next_due:
-                        slot.running = self.pool.submit(self._cycle, slot, slot.token)
-                        slot.running.add_done_callback(self._done_callback(slot))
+                        self._submit(slot, slot.token)
                 self.stopping.wait(self.tick)
         finally:
             self.shutdown()
@@ -439,40 +888,44 @@ class Daemon:
                 renew_at = time.monotonic() + self.lease_period
             futures_wait([s.running for s in busy if s.running is not None], timeout=0.05)
         still = [s for s in self.slots.values() if s.running is not None and not s.running.done()]
-        for slot in list(self.slots.values()):
-            if slot in still:
-                # still writing after the deadline: its lease expires on its own, and fencing stops a successor
-                # from being overwritten; releasing it now would let the successor start beside it
-                log(logger, logging.WARNING, "cycle still running at exit; lease left to expire", portfolio=slot.pid)
-                continue
-            self._let_go(slot, "stopping")
-        with self._lock:
-            stores = list(self._stores.items())
-        for (kind, _), store in stores:
+        for slot in still:
+            # still writing after the deadline: its lease expires on its own, and fencing stops a successor
+            # from being overwritten; releasing it now would let the successor start beside it
+            log(logger, logging.WARNING, "cycle still running at exit; lease left to expire", portfolio=slot.pid)
+        done = [s for s in self.slots.values() if s not in still]
+        for group in self._by_lease_store(done).values():
+            self._let_go_many(group, "stopping")
+        for kind, store in self.runner.stores():
             if kind == "leases":
                 with contextlib.suppress(RebalanceError):  # the heartbeat expires on its own anyway
                     store.leave(self.instance_id)
-        with self._lock:
-            idle = [c for clients in self._idle_clients.values() for _, c in clients]
-            self._idle_clients.clear()
-        for client in idle:
-            with contextlib.suppress(Exception):  # closing is best effort at exit
-                client.close()
+        self.runner.close_clients()
+        if isinstance(self.pool, WorkerProcesses):
+            self.pool.close(wait=not still)
         if still:
             return  # the stores stay open under the cycles still running; the process exit closes them
-        with self._lock:
-            for store in self._stores.values():
-                with contextlib.suppress(Exception):  # closing is best effort at exit
-                    store.close()
-            self._stores.clear()
+        self.runner.close_stores()
         self.metrics.leases.set(0)
 
-    @staticmethod
-    def _done_callback(slot: Slot) -> Callable[[Future[Any]], None]:
-        def done(_: Future[Any]) -> None:
-            slot.running = None
+    def _submit(self, slot: Slot, token: int) -> None:
+        own, cycle = slot.scheduled_under == token, slot.cycles + 1
+        future: Future[CycleResult]
+        if isinstance(self.pool, WorkerProcesses):
+            future = self.pool.submit(slot.config, token, own_schedule=own, cycle=cycle)
+        else:
+            future = self.pool.submit(
+                self.runner.run, slot.config, token, own_schedule=own, cycle=cycle, clock=self.clock
+            )
 
-        return done
+        def done(f: Future[CycleResult]) -> None:
+            try:
+                if not f.cancelled():
+                    self._guarded(functools.partial(self._finish, slot, token, f.result()))
+            finally:
+                slot.running = None  # only now: the next cycle is scheduled from what this one did
+
+        slot.running = future
+        future.add_done_callback(done)
 
     # -- leases ----------------------------------------------------------------------------------------------
 
@@ -487,6 +940,19 @@ class Daemon:
             log(logger, logging.INFO, "lease released", portfolio=slot.pid, token=token, reason=why)
         self._forget_gauges(slot.pid)
 
+    def _let_go_many(self, slots: list[Slot], why: str) -> None:
+        """`_let_go` for many portfolios of one lease store, in one round trip: a clean stop of an instance
+        holding thousands must still end within seconds."""
+        tokens = {s.pid: s.token for s in slots if s.token is not None}
+        if tokens:
+            with contextlib.suppress(RebalanceError):  # they expire on their own anyway
+                self._leases(slots[0].config).release_many(tokens, self.instance_id)
+        for slot in slots:
+            slot.token, slot.surplus = None, False
+            if slot.pid in tokens:
+                log(logger, logging.INFO, "lease released", portfolio=slot.pid, token=tokens[slot.pid], reason=why)
+            self._forget_gauges(slot.pid)
+
     def _forget_gauges(self, pid: str) -> None:
         for gauge in (self.metrics.drift, self.metrics.cost_ratio):
             with contextlib.suppress(KeyError):
@@ -495,7 +961,7 @@ class Daemon:
     def _by_lease_store(self, slots: list[Slot]) -> dict[tuple[str, str], list[Slot]]:
         groups: dict[tuple[str, str], list[Slot]] = {}
         for slot in slots:
-            groups.setdefault(self._store_key("leases", slot.config), []).append(slot)
+            groups.setdefault(slot.lease_key, []).append(slot)
         return groups
 
     def _lease_tick(self, now: float, *, claim: bool = True) -> None:
@@ -517,18 +983,20 @@ class Daemon:
         self.metrics.leases.set(sum(1 for s in self.slots.values() if s.token is not None))
 
     def _renew(self, store: LeaseStore, slots: list[Slot]) -> None:
+        """Every lease held, in one round trip: renewing thousands one by one took longer than a lease lasts."""
+        tokens = {slot.pid: slot.token for slot in slots if slot.token is not None}
+        if not tokens:
+            return
+        try:
+            lost = store.renew_many(tokens, self.instance_id, self.lease_ttl)
+        except RebalanceError as exc:
+            # unknown: keep working under the leases; fencing refuses our writes if one really was lost
+            log(logger, logging.WARNING, "lease renewal failed", portfolios=len(tokens), error=str(exc))
+            return
         for slot in slots:
-            token = slot.token
-            if token is None:
-                continue
-            try:
-                ok = store.renew(slot.pid, self.instance_id, token, self.lease_ttl)
-            except RebalanceError as exc:
-                # unknown: keep working under the lease; fencing refuses our writes if it really was lost
-                log(logger, logging.WARNING, "lease renewal failed", portfolio=slot.pid, error=str(exc))
-                continue
-            if not ok:
-                log(logger, logging.WARNING, "lease lost", portfolio=slot.pid, token=token)
+            # a token that changed meanwhile (a cycle saw it fenced) is not this renewal's business
+            if slot.pid in lost and slot.token is not None and slot.token == tokens[slot.pid]:
+                log(logger, logging.WARNING, "lease lost", portfolio=slot.pid, token=slot.token)
                 slot.token = None
                 slot.surplus = False
                 self._forget_gauges(slot.pid)
@@ -545,26 +1013,54 @@ class Daemon:
                 self._let_go(slot, f"fair share is {fair} of {len(slots)} with {live} instances")
                 excess -= 1
         count = sum(1 for s in slots if s.token is not None)
-        for slot in sorted((s for s in slots if s.token is None and s.running is None), key=lambda s: s.rank):
-            if self.stopping.is_set():
+        free = sorted((s for s in slots if s.token is None and s.running is None), key=lambda s: s.rank)
+        if not free:
+            return
+        # Claims are fenced one by one in the ledger: a takeover of thousands spreads over a few rounds instead of
+        # holding up the renewals (and the cycles) behind it for longer than a lease lasts.
+        deadline = time.monotonic() + self.lease_period / 2
+        rest = iter(free)
+        while count < fair and time.monotonic() < deadline and not self.stopping.is_set():
+            chunk = list(itertools.islice(rest, min(CLAIM_CHUNK, fair - count)))
+            if not chunk:
                 return
-            surplus = False
-            try:
-                if count >= fair:
-                    # at our share: take a portfolio only once it stayed free for a whole TTL, i.e. no other
-                    # instance wants it (their configs differ from ours)
-                    if store.holder(slot.pid) is not None:
-                        slot.free_since = None
-                        continue
-                    if slot.free_since is None:
-                        slot.free_since = now
-                    if now - slot.free_since < self.lease_ttl:
-                        continue
-                    surplus = True
-                token = store.acquire(slot.pid, self.instance_id, self.lease_ttl)
-            except RebalanceError as exc:
-                log(logger, logging.WARNING, "lease claim failed", portfolio=slot.pid, error=str(exc))
+            count += self._claim(store, chunk, surplus=False)
+        if count < fair or time.monotonic() >= deadline or self.stopping.is_set():
+            return
+        # at our share: take a portfolio only once it stayed free for a whole TTL, i.e. no other instance wants
+        # it (their configs differ from ours)
+        above = list(rest)
+        if not above:
+            return
+        try:
+            holders = store.holders([s.pid for s in above])
+        except RebalanceError as exc:
+            log(logger, logging.WARNING, "lease lookup failed", portfolios=len(above), error=str(exc))
+            return
+        unwanted = []
+        for slot in above:
+            if holders.get(slot.pid) is not None:
+                slot.free_since = None
                 continue
+            if slot.free_since is None:
+                slot.free_since = now
+            if now - slot.free_since >= self.lease_ttl:
+                unwanted.append(slot)
+        for start in range(0, len(unwanted), CLAIM_CHUNK):
+            if time.monotonic() >= deadline or self.stopping.is_set():
+                return
+            self._claim(store, unwanted[start : start + CLAIM_CHUNK], surplus=True)
+
+    def _claim(self, store: LeaseStore, chunk: list[Slot], *, surplus: bool) -> int:
+        """Claim a chunk in one round trip, then fence each claimed portfolio; returns how many were taken."""
+        try:
+            tokens = store.acquire_many([s.pid for s in chunk], self.instance_id, self.lease_ttl)
+        except RebalanceError as exc:
+            log(logger, logging.WARNING, "lease claim failed", portfolios=len(chunk), error=str(exc))
+            return 0
+        taken = 0
+        for slot in chunk:
+            token = tokens.get(slot.pid)
             if token is None:
                 slot.free_since = None
                 continue
@@ -577,153 +1073,98 @@ class Daemon:
                     store.release(slot.pid, self.instance_id, token)
                 continue
             slot.token, slot.surplus, slot.free_since = token, surplus, None
-            count += 1
+            taken += 1
             log(logger, logging.INFO, "lease acquired", portfolio=slot.pid, token=token, instance=self.instance_id)
+        return taken
 
-    # -- one cycle -------------------------------------------------------------------------------------------
+    # -- one cycle's outcome -----------------------------------------------------------------------------------
 
-    def _cycle(self, slot: Slot, token: int) -> None:
-        if self.stopping.is_set():
+    def _finish(self, slot: Slot, token: int, r: CycleResult) -> None:
+        """Schedule, metrics and logs of a finished cycle, wherever it ran."""
+        if r.kind == "stopped":
             return
-        from .executor import Executor
-
-        config = slot.config
-        now = self.clock()
-        scheduled: float | None = None
+        if r.kind == "scheduled":
+            slot.next_due = self.clock() + r.due_in
+            return
         slot.cycles += 1
-        try:
-            ledger = self._store("ledger", config)
-            due = self._next_from_store(ledger, slot, now)
-            if due > now:
-                # another instance ran it recently (a takeover): keep its schedule
-                scheduled = due
-                slot.cycles -= 1
-                return
-            audit = self._store("audit", config)
-            t0 = time.perf_counter()
-            with self._exchange(config) as exchange:
-                before = dict(exchange.calls)
-                try:
-                    with span("cycle", portfolio=slot.pid, cycle=slot.cycles):
-                        report = Executor(config, exchange, ledger, audit, fence=token, stop=self.stopping).run()
-                finally:
-                    elapsed = time.perf_counter() - t0
-                    self._record_exchange(exchange, before)
-            self._record(slot, report, elapsed)
-            self._mark_cycle(ledger, slot, token)
+        m = self.metrics
+        late = r.started - slot.next_due if slot.next_due else None  # the first cycle was never due
+        if late is not None:
+            m.lateness.observe(max(late, 0.0))
+        self._record_exchange(r)
+        if r.has_report:
+            self._record(slot, r, late)
+        if r.kind == "ran":
+            slot.scheduled_under = token
             slot.failures = 0
-        except HaltedError as exc:
+        elif r.kind == "halted":
             # the operator's decision, not a failure: checked again every interval, no backoff
-            self.metrics.cycles.labels(slot.pid, "halted").inc()
+            m.cycles.labels(slot.pid, "halted").inc()
             log(logger, logging.WARNING, "portfolio halted", portfolio=slot.pid, cycle=slot.cycles,
-                decision="halted", orders=[], error=str(exc))  # fmt: skip
-        except LeaseLostError as exc:
+                decision="halted", orders=[], error=r.error)  # fmt: skip
+        elif r.kind == "fenced":
             # a successor holds the portfolio now; it carries on, with nothing of ours written after its fence
-            self.metrics.lock_failures.labels(slot.pid).inc()
-            self.metrics.cycles.labels(slot.pid, "fenced").inc()
+            m.lock_failures.labels(slot.pid).inc()
+            m.cycles.labels(slot.pid, "fenced").inc()
             if slot.token == token:
                 slot.token = None
                 self._forget_gauges(slot.pid)
             log(logger, logging.WARNING, "lease lost during a cycle; writes fenced off", portfolio=slot.pid,
-                cycle=slot.cycles, decision="fenced", orders=[], error=str(exc))  # fmt: skip
-        except RebalanceError as exc:
+                cycle=slot.cycles, decision="fenced", orders=[], error=r.error)  # fmt: skip
+        elif r.kind == "error":
             slot.failures += 1
-            self.metrics.cycles.labels(slot.pid, "error").inc()
+            m.cycles.labels(slot.pid, "error").inc()
             log(logger, logging.ERROR, "cycle failed", portfolio=slot.pid, cycle=slot.cycles, decision="error",
-                orders=[], error=str(exc), exit_code=exc.exit_code)  # fmt: skip
-        except Exception:  # one portfolio's bug must not stop the others
+                orders=[], error=r.error, exit_code=r.exit_code)  # fmt: skip
+        else:
             slot.failures += 1
-            self.metrics.cycles.labels(slot.pid, "bug").inc()
-            logger.exception(
-                "cycle crashed",
-                extra={"fields": {"portfolio": slot.pid, "cycle": slot.cycles, "decision": "error", "orders": []}},
-            )
-        finally:
-            if scheduled is not None:
-                slot.next_due = scheduled
-            else:
-                interval = float(config.interval)
-                delay = interval
-                if slot.failures:
-                    delay = min(interval * 2 ** min(slot.failures, 5), max(interval, MAX_BACKOFF_SECONDS))
-                slot.next_due = self.clock() + delay
-
-    # the last cycle's time is shared state: a successor instance keeps the schedule
-
-    @staticmethod
-    def _schedule_key(pid: str) -> str:
-        return f"{pid}.daemon"
-
-    def _next_from_store(self, ledger: Any, slot: Slot, now: float) -> float:
-        try:
-            memory = json.loads(ledger.get_memory(self._schedule_key(slot.pid)) or "{}")
-        except ValueError:
-            memory = {}
-        last_wall = memory.get("last_cycle") if isinstance(memory, dict) else None
-        if not last_wall:
-            return now
+            m.cycles.labels(slot.pid, "bug").inc()
+            log(logger, logging.ERROR, "cycle crashed", portfolio=slot.pid, cycle=slot.cycles, decision="error",
+                orders=[], error=r.error, traceback=r.traceback)  # fmt: skip
         interval = float(slot.config.interval)
-        waited = time.time() - float(last_wall)  # negative when the last holder's clock ran ahead of ours
-        return now + min(interval, max(0.0, interval - waited))
-
-    def _mark_cycle(self, ledger: Any, slot: Slot, token: int) -> None:
-        ledger.set_memory(self._schedule_key(slot.pid), json.dumps({"last_cycle": time.time()}), fence=token)
+        delay = interval
+        if slot.failures:
+            delay = min(interval * 2 ** min(slot.failures, 5), max(interval, MAX_BACKOFF_SECONDS))
+        slot.next_due = self.clock() + delay
 
     # -- metrics and logs -----------------------------------------------------------------------------------
 
-    def _record_exchange(self, exchange: Any, before: dict[str, int]) -> None:
-        """API calls, breaker and rate-limit budget, also of a failed cycle (when they matter most)."""
+    def _record_exchange(self, r: CycleResult) -> None:
         m = self.metrics
-        for endpoint, count in exchange.calls.items():
-            delta = count - before.get(endpoint, 0)
-            if delta:
-                m.api_calls.labels(endpoint).inc(delta)
-        breaker = getattr(exchange, "breaker", None)
-        if breaker is not None:
-            m.breaker.labels(exchange.id).set(breaker.state_value)
-        limiter = getattr(exchange, "limiter", None)
-        if limiter is not None:
-            with contextlib.suppress(RebalanceError):  # a shared bucket's store may be down: a gauge can wait
-                m.rate_limit_remaining.labels(exchange.id).set(limiter.remaining())
+        for endpoint, count in r.api_calls.items():
+            m.api_calls.labels(endpoint).inc(count)
+        if r.breaker_value is not None:
+            m.breaker.labels(r.exchange_id).set(r.breaker_value)
+        if r.rate_limit_remaining is not None:
+            m.rate_limit_remaining.labels(r.exchange_id).set(r.rate_limit_remaining)
 
-    def _record(self, slot: Slot, report: Any, elapsed: float) -> None:
+    def _record(self, slot: Slot, r: CycleResult, late: float | None) -> None:
         m = self.metrics
-        m.duration.labels(slot.pid).observe(elapsed)
-        drift = report.drift_after if report.drift_after is not None else report.drift_before
-        if drift is not None and slot.token is not None:
-            m.drift.labels(slot.pid).set(float(drift))
-        plan = report.plan
-        if plan is not None and slot.token is not None:
-            benefit = sum((a.drift_value for a in plan.assets if a.decision == "trade"), Decimal(0))
-            m.cost_ratio.labels(slot.pid).set(float(plan.summary.est_total_cost / benefit) if benefit else 0.0)
-        for o in report.outcomes:
-            m.orders.labels(o.side, o.status).inc()
-            if "shadow ledger refused" in o.reason:
-                m.lock_failures.labels(slot.pid).inc()
-        m.cycles.labels(slot.pid, report.status).inc()
+        m.duration.observe(r.elapsed)
+        if r.drift is not None and slot.token is not None:
+            m.drift.labels(slot.pid).set(float(r.drift))
+        if r.cost_ratio is not None and slot.token is not None:
+            m.cost_ratio.labels(slot.pid).set(r.cost_ratio)
+        for side, status in r.order_results:
+            m.orders.labels(side, status).inc()
+        if r.lock_failures:
+            m.lock_failures.labels(slot.pid).inc(r.lock_failures)
+        m.cycles.labels(slot.pid, r.status).inc()
         log(
             logger,
             logging.INFO,
             "cycle",
             portfolio=slot.pid,
             cycle=slot.cycles,
-            decision="trade" if plan is not None and plan.trades else "hold",
-            status=report.status,
-            orders=[
-                {
-                    "market": o.market,
-                    "side": o.side,
-                    "amount": format(o.amount, "f"),
-                    "status": o.status,
-                    "filled": format(o.filled, "f"),
-                    "idempotency_key": o.key,
-                }
-                for o in report.outcomes
-            ],
-            decisions={a.symbol: a.reason for a in plan.assets} if plan else {},
-            drift=str(drift),
-            seconds=round(elapsed, 4),
+            decision="trade" if r.traded else "hold",
+            status=r.status,
+            orders=r.orders,
+            decisions=r.decisions,
+            drift=str(r.drift),
+            seconds=round(r.elapsed, 4),
+            late=round(late, 3) if late is not None else None,
             instance=self.instance_id,
+            worker=r.worker,
         )
 
     # -- health --------------------------------------------------------------------------------------------
@@ -737,6 +1178,8 @@ class Daemon:
             "leases": sum(1 for s in slots if s.token is not None),
             "instances": max(self.live_instances.values(), default=None),
         }
+        if isinstance(self.pool, WorkerProcesses):
+            detail["worker_processes"] = self.pool.alive
         alive = self.clock() - self.last_tick < max(5.0, self.tick * 10) and not self.stopping.is_set()
         detail["loop_alive"] = alive
         if self.stopping.is_set():
@@ -745,7 +1188,7 @@ class Daemon:
         checked: set[tuple[str, str]] = set()
         for slot in slots:
             for kind in ("leases", "ledger", "audit"):
-                key = self._store_key(kind, slot.config)
+                key = _store_key(kind, slot.config)
                 if key in checked:
                     continue
                 checked.add(key)
@@ -770,6 +1213,7 @@ def run_daemon(
     instance_id: str | None = None,
     lease_ttl: float = 15.0,
     workers: int = 8,
+    processes: int = 1,
     otlp_endpoint: str | None = None,
     max_seconds: float | None = None,
     on_ready: Callable[[Daemon, int | None], None] | None = None,
@@ -779,8 +1223,8 @@ def run_daemon(
 
     from .telemetry import MetricsServer, configure_tracing
 
-    daemon = Daemon(paths, instance_id=instance_id, lease_ttl=lease_ttl, workers=workers)
-    configure_tracing(otlp_endpoint)
+    configure_tracing(otlp_endpoint)  # first: worker processes take the same
+    daemon = Daemon(paths, instance_id=instance_id, lease_ttl=lease_ttl, workers=workers, processes=processes)
     server = None
     if metrics_port is not None:
         server = MetricsServer(daemon.metrics, daemon.health, host=metrics_host, port=metrics_port).start()
