@@ -18,7 +18,7 @@ _rebalance_words() {
     "backtest") subs="generate"; words="generate --config -c --prices --policy -p --compare --json --chart --spread-bps --depth --levels --fee --initial-value --calendar-period --help -h"; fileopts="--config -c --prices --chart" ;;
     "backtest generate") subs=""; words="--output -o --regime --steps --step --seed --asset --help -h"; fileopts="--output -o" ;;
     "config-schema") subs=""; words="--help -h"; fileopts="" ;;
-    "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --otlp-endpoint --help -h"; fileopts="--config -c" ;;
+    "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --processes --otlp-endpoint --help -h"; fileopts="--config -c" ;;
     "db") subs="migrate"; words="migrate --help -h"; fileopts="" ;;
     "db migrate") subs=""; words="--config -c --database-url --help -h"; fileopts="--config -c" ;;
     "execute") subs=""; words="--config -c --confirm --plan --json --help -h"; fileopts="--config -c --plan" ;;

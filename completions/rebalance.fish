@@ -34,6 +34,7 @@ complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l log-level -d 'd
 complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l instance-id -d 'Name of this instance in leases.'
 complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l lease-ttl -d 'Seconds a lease lasts unrenewed.'
 complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l workers -d 'Portfolios worked at once.'
+complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l processes -d 'Worker processes, each running --workers cycles.'
 complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l otlp-endpoint -d 'Export traces over OTLP/HTTP to this URL.'
 complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l help -s h -d 'Show help.'
 complete -c rebalance -n '__fish_seen_subcommand_from db' -l help -s h -d 'Show help.'

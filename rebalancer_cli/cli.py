@@ -446,6 +446,9 @@ def daemon_cmd(
     instance_id: Annotated[str | None, typer.Option("--instance-id", help="Name of this instance in leases.")] = None,
     lease_ttl: Annotated[float, typer.Option("--lease-ttl", min=1.0, help="Seconds a lease lasts unrenewed.")] = 15.0,
     workers: Annotated[int, typer.Option("--workers", min=1, max=256, help="Portfolios worked at once.")] = 8,
+    processes: Annotated[
+        int, typer.Option("--processes", min=1, max=64, help="Worker processes, each running --workers cycles.")
+    ] = 1,
     otlp_endpoint: Annotated[
         str | None, typer.Option("--otlp-endpoint", help="Export traces over OTLP/HTTP to this URL.")
     ] = None,
@@ -467,6 +470,7 @@ def daemon_cmd(
             instance_id=instance_id,
             lease_ttl=lease_ttl,
             workers=workers,
+            processes=processes,
             otlp_endpoint=otlp_endpoint,
         )
     )
