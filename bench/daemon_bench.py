@@ -66,8 +66,8 @@ GOAL_MEMORY_MB = 500.0
 GOAL_SHARE = 0.99
 KEY_ENV, SECRET_ENV = "DAEMON_BENCH_API_KEY", "DAEMON_BENCH_SECRET"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-# What `rebalance daemon --log-format json --config DIR` runs, with the worker processes that the CLI does not
-# expose yet (run_daemon's `processes`).
+
+
 LAUNCH = (
     "import sys; from pathlib import Path; from rebalancer_cli.telemetry import setup_logging; "
     "from rebalancer_cli.daemon import run_daemon; setup_logging('json', 'info'); "
