@@ -5,7 +5,7 @@ calls each idle cycle makes, next to the naive count (one balance read and one o
 
     python bench/daemon_bench.py                      # 500 and 2,000 portfolios (about 8 minutes)
     python bench/daemon_bench.py --levels 500,2000,5000                    # about 13 minutes
-    python bench/daemon_bench.py --processes 1        # cycles in threads of the daemon's process only (rebalance daemon --processes N)
+    python bench/daemon_bench.py --processes 1        # cycles in the daemon's own process only (daemon --processes)
     python bench/daemon_bench.py --quick              # smoke run: 50 and 200 portfolios, 6 s interval
     python bench/daemon_bench.py --redis redis://127.0.0.1:6379/0 \
         --database postgresql://postgres@127.0.0.1:5432/test   # the production stores instead of SQLite
