@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# fixtures shared by several test modules (lease stores on each backend)
+pytest_plugins = ["daemon_helpers"]
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 

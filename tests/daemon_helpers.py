@@ -12,13 +12,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from rebalancer_cli.leases import LeaseStore, RedisLeases, SQLiteLeases
 from rebalancer_cli.testing.emulator import DEFAULT_API_KEY, DEFAULT_SECRET
 
 D = Decimal
@@ -243,3 +245,35 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
 
 def orders_of(stats: dict[str, Any], keys: Iterable[str]) -> list[dict[str, int]]:
     return [stats["orders"][k] for k in keys if k in stats["orders"]]
+
+
+# --- a lease store on each backend (shared by the daemon tests) ------------------------------------------
+
+LEASE_BACKENDS = ["sqlite", "redis", "redis-cluster"]
+
+
+@pytest.fixture(params=LEASE_BACKENDS)
+def lease_env(request: pytest.FixtureRequest, tmp_path: Path, unique_id: str) -> Iterator[tuple[str | None, Any]]:
+    """(redis URL or None, opener of a second handle on the same lease store)."""
+    url = None
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+    elif request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster_url")
+    opened: list[LeaseStore] = []
+
+    def open_one() -> LeaseStore:
+        store: LeaseStore = RedisLeases.from_url(url) if url else SQLiteLeases(tmp_path / "leases.sqlite3")
+        opened.append(store)
+        return store
+
+    yield url, open_one
+    if url:
+        from rebalancer_cli.ledger.redis import connect
+
+        client = connect(url)
+        for key in (f"rb:{{{unique_id}}}:{n}" for n in ("lease", "lease_seq", "fence", "memory")):
+            client.delete(key)
+        client.close()
+    for store in opened:
+        store.close()

@@ -41,7 +41,7 @@ from rebalancer_cli.cli import app
 from rebalancer_cli.config import load_config
 from rebalancer_cli.daemon import Daemon
 from rebalancer_cli.errors import LeaseLostError
-from rebalancer_cli.leases import LeaseStore, RedisLeases, SQLiteLeases
+from rebalancer_cli.leases import SQLiteLeases
 from rebalancer_cli.ledger import open_ledger
 from rebalancer_cli.runtime import open_audit_for, open_ledger_for
 from rebalancer_cli.telemetry import MetricsServer
@@ -498,35 +498,6 @@ def test_healthz_is_503_when_a_store_goes_down(tmp_path: Path, state_dir: Path, 
 
 
 # --- leases -----------------------------------------------------------------------------------------------
-
-LEASE_BACKENDS = ["sqlite", "redis", "redis-cluster"]
-
-
-@pytest.fixture(params=LEASE_BACKENDS)
-def lease_env(request: pytest.FixtureRequest, tmp_path: Path, unique_id: str) -> Iterator[tuple[str | None, Any]]:
-    """(redis URL or None, opener of a second handle on the same lease store)."""
-    url = None
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
-    elif request.param == "redis-cluster":
-        url = request.getfixturevalue("redis_cluster_url")
-    opened: list[LeaseStore] = []
-
-    def open_one() -> LeaseStore:
-        store: LeaseStore = RedisLeases.from_url(url) if url else SQLiteLeases(tmp_path / "leases.sqlite3")
-        opened.append(store)
-        return store
-
-    yield url, open_one
-    if url:
-        from rebalancer_cli.ledger.redis import connect
-
-        client = connect(url)
-        for key in (f"rb:{{{unique_id}}}:{n}" for n in ("lease", "lease_seq", "fence", "memory")):
-            client.delete(key)
-        client.close()
-    for store in opened:
-        store.close()
 
 
 def test_a_lease_has_one_holder_expires_after_its_ttl_and_fences_the_old_holder(

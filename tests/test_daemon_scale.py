@@ -22,34 +22,14 @@ from redis_cluster_fixture import redis_cluster_url  # noqa: F401  (fixture)
 
 from rebalancer_cli import leases as leases_module
 from rebalancer_cli.daemon import Daemon, WorkerProcesses
-from rebalancer_cli.leases import LeaseStore, RedisLeases, SQLiteLeases
+from rebalancer_cli.leases import SQLiteLeases
 from rebalancer_cli.testing.emulator import start_emulator
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
-def lease_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str | None, Any]]:
-    """(redis URL or None, opener of another handle on the same lease store)."""
-    url = None
-    if request.param == "redis":
-        url = request.getfixturevalue("redis_url")
-    elif request.param == "redis-cluster":
-        url = request.getfixturevalue("redis_cluster_url")
-    opened: list[LeaseStore] = []
-
-    def open_one() -> LeaseStore:
-        store: LeaseStore = RedisLeases.from_url(url) if url else SQLiteLeases(tmp_path / "leases.sqlite3")
-        opened.append(store)
-        return store
-
-    yield url, open_one
-    for store in opened:
-        store.close()
-
-
 def test_batched_claims_renewals_and_lookups_answer_as_the_single_ones(
-    lease_store: tuple[str | None, Any], unique_id: str, monkeypatch: pytest.MonkeyPatch
+    lease_env: tuple[str | None, Any], unique_id: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _, open_one = lease_store
+    _, open_one = lease_env
     monkeypatch.setattr(leases_module, "PIPELINE_CHUNK", 7)  # several round trips, with a partial last one
     a, b = open_one(), open_one()
     pids = [f"{unique_id}-{i:02d}" for i in range(20)]
