@@ -39,6 +39,7 @@ from .ledger.base import ShadowLedger
 from .planner import Plan, PlannerState, Trade, round_down
 from .planner import plan as make_plan
 from .snapshot import Snapshot
+from .telemetry import span
 
 ZERO = Decimal(0)
 LOCK_TTL_SECONDS = 600.0
@@ -181,7 +182,8 @@ class Executor:
         self.check_halt()
         recovered = self.recover()
         state = PlannerState.from_json(self.ledger.get_memory(self.pid))
-        snapshot = self.exchange.fetch_snapshot(self.config, state)
+        with span("snapshot", portfolio=self.pid, exchange=self.exchange.id):
+            snapshot = self.exchange.fetch_snapshot(self.config, state)
         from .runtime import check_skew
 
         check_skew(self.config, snapshot)
@@ -190,7 +192,8 @@ class Executor:
             self.check_saved_plan(saved_plan, snapshot, now)
             plan = saved_plan
         else:
-            plan = make_plan(self.config, snapshot, state, now=now)
+            with span("plan", portfolio=self.pid):
+                plan = make_plan(self.config, snapshot, state, now=now)
         report = ExecutionReport(self.pid, plan, [], recovered, plan.summary.drift_before, None)
         if plan_only:
             return report
@@ -305,7 +308,8 @@ class Executor:
                 self._emit(outcome)
                 continue
             try:
-                self._one(plan, trade, outcome, snapshot, saved=saved)
+                with span("order", portfolio=self.pid, market=trade.market, side=trade.side, key=trade.idempotency_key):
+                    self._one(plan, trade, outcome, snapshot, saved=saved)
             except CircuitOpenError as exc:
                 outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
                 self._emit(outcome)
