@@ -3,8 +3,8 @@ share and peak memory, at 500, 2,000 and 5,000 portfolios of 10 assets on a 60 s
 calls each idle cycle makes, next to the naive count (one balance read and one order book per traded asset:
 1 + 9 for 10 assets, one of which is the quote).
 
-    python bench/daemon_bench.py                      # 500 and 2,000 portfolios (about 8 minutes)
-    python bench/daemon_bench.py --levels 500,2000,5000                    # about 13 minutes
+    python bench/daemon_bench.py                      # 500 and 2,000 portfolios (about 9 minutes)
+    python bench/daemon_bench.py --levels 500,2000,5000                    # about 18 minutes
     python bench/daemon_bench.py --processes 1        # cycles in the daemon's own process only (daemon --processes)
     python bench/daemon_bench.py --quick              # smoke run: 50 and 200 portfolios, 6 s interval
     python bench/daemon_bench.py --redis redis://127.0.0.1:6379/0 \
@@ -152,6 +152,18 @@ def start_emulator(snapshot: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, url
 
 
+def drop_redis_keys(url: str, tag: str) -> None:
+    """The bench's ledger and lease keys off the shared server (the audit rows stay: an audit trail is kept)."""
+    from rebalancer_cli.ledger.redis import connect
+
+    client = connect(url)
+    try:
+        for key in client.scan_iter(match=f"rb:{{bench-{tag}-*", count=1000):
+            client.delete(key)  # one by one: keys of different portfolios live in different cluster slots
+    finally:
+        client.close()
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14 and 15 of stat)
@@ -286,6 +298,8 @@ def run_level(n: int, args: argparse.Namespace, tmp: Path) -> Result:
         if daemon is not None:
             stop(daemon)
         stop(emulator)
+        if args.redis:
+            drop_redis_keys(args.redis, tag)
 
     cycles: dict[str, list[tuple[float, float]]] = {}  # portfolio -> [(start, end)]
     for e in events:

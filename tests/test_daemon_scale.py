@@ -8,6 +8,7 @@ The throughput itself is measured by bench/daemon_bench.py, never asserted here.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ from redis_cluster_fixture import redis_cluster_url  # noqa: F401  (fixture)
 
 from rebalancer_cli import leases as leases_module
 from rebalancer_cli.daemon import Daemon, WorkerProcesses
+from rebalancer_cli.errors import InputError
 from rebalancer_cli.leases import SQLiteLeases
 from rebalancer_cli.testing.emulator import start_emulator
 
@@ -184,6 +186,14 @@ def test_worker_processes_run_the_cycles_trade_once_each_survive_a_killed_worker
         assert events.of("lease released", pids) == pids
     finally:
         emulator.stop()
+
+
+def test_a_refused_start_leaves_no_worker_process(tmp_path: Path, state_dir: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("portfolio_id: x\n")  # invalid: the daemon refuses to start
+    before = {p.pid for p in multiprocessing.active_children()}
+    with pytest.raises(InputError):
+        Daemon([tmp_path], processes=2)
+    assert {p.pid for p in multiprocessing.active_children()} == before
 
 
 def _wait(done: Callable[[], bool], what: str, timeout: float = 30) -> None:
