@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 from typing import Protocol
 
 from .snapshot import Level, Market
@@ -42,6 +42,55 @@ def walk_book(levels: Sequence[Level], amount: Decimal) -> BookWalk:
         notional += price * size
         remaining -= size
     return BookWalk(requested=amount, filled=amount - remaining, notional=notional, capped=remaining > 0)
+
+
+def within_limit(levels: Sequence[Level], side: str, limit: Decimal | None) -> Sequence[Level]:
+    """The levels an immediate-or-cancel limit order may take: asks at or below a buy's limit, bids at or above
+    a sell's. Best-first levels make this a prefix."""
+    if limit is None:
+        return levels
+    n = 0
+    for price, _ in levels:
+        if (price > limit) if side == "buy" else (price < limit):
+            break
+        n += 1
+    return levels[:n]
+
+
+def worst_level(levels: Sequence[Level], amount: Decimal) -> Decimal | None:
+    """Price of the last level a walk of `amount` reaches (the deepest it goes), or None on an empty book."""
+    remaining = amount
+    last: Decimal | None = None
+    for price, size in levels:
+        last = price
+        if size >= remaining:
+            break
+        remaining -= size
+    return last
+
+
+def worst_acceptable_price(
+    market: Market, side: str, amount: Decimal, max_slippage: Decimal, price_step: Decimal | None = None
+) -> Decimal:
+    """The limit of a protected order: the worst book level the walk for `amount` reaches, widened by
+    `max_slippage` (buy: x (1 + s), sell: x (1 - s)), then rounded to the market's tick towards the safe side
+    (a buy's limit down, a sell's up), never past the level itself.
+
+    A book that moved between snapshot and order fills less at this limit, never worse: the rest expires.
+    """
+    levels = market.asks if side == "buy" else market.bids
+    level = worst_level(levels, amount)
+    if level is None:
+        raise ValueError(f"{market.symbol}: no {'asks' if side == 'buy' else 'bids'} to bound an order by")
+    widened = level * (1 + max_slippage) if side == "buy" else level * (1 - max_slippage)
+    step = price_step if price_step is not None and price_step > 0 else None
+    if step is not None:
+        q = (widened / step).to_integral_value(rounding=ROUND_FLOOR if side == "buy" else ROUND_CEILING) * step
+        # rounding towards safety may not cross the level that was actually seen in the book
+        widened = max(q, level) if side == "buy" else min(q, level)
+    if widened <= 0:
+        raise ValueError(f"{market.symbol}: max_slippage {max_slippage} leaves no positive sell limit")
+    return widened
 
 
 def book_depth(levels: Sequence[Level]) -> Decimal:

@@ -22,7 +22,7 @@ from typing import Any
 from . import failpoints
 from .audit.base import AuditStore, Fill, OrderIntent, OrderRecord, OrderStatus
 from .config import Config
-from .costs import CostModel
+from .costs import CostModel, worst_acceptable_price
 from .errors import (
     CircuitOpenError,
     ExchangeError,
@@ -34,20 +34,20 @@ from .errors import (
     RefusedError,
     RetryableExchangeError,
 )
-from .exchange.base import Exchange, FillInfo, OrderResult, fees_by_currency
+from .exchange.base import Exchange, FillInfo, OrderResult, Side, fees_by_currency
 from .ledger.base import ShadowLedger
 from .planner import Plan, PlannerState, Trade, round_down
 from .planner import plan as make_plan
-from .snapshot import Snapshot
+from .snapshot import Market, Snapshot
 from .telemetry import span
 
 ZERO = Decimal(0)
 LOCK_TTL_SECONDS = 600.0
 MAX_SENDS = 3
-# a buy locks its estimated spend plus this much, for the price to move between plan and fill
-BUY_LOCK_BUFFER = Decimal("0.02")
 # a saved plan's weights are written to 8 decimals; holdings that moved less than this have not changed
 SAVED_PLAN_WEIGHT_TOLERANCE = Decimal("1e-6")
+# without `max_slippage`, a protected order's limit is the worst level its book walk reached, widened by this
+DEFAULT_PRICE_BOUND = Decimal("0.005")
 
 Listener = Callable[["OrderOutcome"], None]
 
@@ -358,7 +358,8 @@ class Executor:
         if not self.audit.record_intent(intent) and self._known(trade.idempotency_key, outcome):
             return  # another run recorded it between our check and our write
         failpoints.hit("after_intent")
-        asset, lock_amount = self._lock_need(trade, amount, market.taker_fee)
+        worst = self._bound(market, trade.side, amount)
+        asset, lock_amount = self._lock_need(trade, amount, market.taker_fee, worst)
         if not self.ledger.lock(
             self.pid, trade.idempotency_key, asset, lock_amount, ttl_seconds=self.lock_ttl, fence=self.fence
         ):
@@ -388,7 +389,7 @@ class Executor:
             self._emit(outcome)
 
         try:
-            result = self._send(trade.market, trade.side, amount, trade.idempotency_key, mark_sent)
+            result = self._send(trade.market, trade.side, amount, trade.idempotency_key, mark_sent, worst)
         except NonRetryableExchangeError as exc:
             self.ledger.release(self.pid, trade.idempotency_key, fence=self.fence)
             self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=str(exc))
@@ -434,43 +435,60 @@ class Executor:
         self._emit(outcome)
         return True
 
+    def _bound(self, market: Market, side: str, amount: Decimal) -> Decimal:
+        """The worst acceptable price of an order of `amount`, from the fresh snapshot's book (never from a file)."""
+        return worst_acceptable_price(
+            market, side, amount, self.config.max_slippage or DEFAULT_PRICE_BOUND, market.price_step
+        )
+
     def _fit_buy(self, trade: Trade, snapshot: Snapshot) -> Decimal:
         """Size a buy against the quote the ledger says is free now, after the sells really settled.
 
-        The buy shrinks only when the quote does not cover its estimated cost; the price buffer of the lock is
-        taken from what is left over, never from the buy (else a portfolio without spare quote would end every
-        cycle a few percent short of its targets).
+        A protected buy may spend up to `amount * limit * (1 + fee)`: exchanges reserve the quote of a limit order
+        at its limit price. The buy shrinks only when the free quote does not cover that.
         """
         market = snapshot.markets[trade.market]
         available = self.ledger.available(self.pid, market.quote)
-        need = trade.notional + trade.est_fee
-        if need <= available:
-            return trade.amount
-        amount = round_down(trade.amount * available / need, market.amount_step)
-        if amount <= 0:
+        amount = trade.amount
+        for _ in range(3):  # a smaller buy walks less deep, so its limit can only fall: this converges at once
+            most = amount * self._bound(market, "buy", amount) * (1 + market.taker_fee)
+            if most <= available:
+                break
+            amount = round_down(amount * available / most, market.amount_step)
+            if amount <= 0:
+                return ZERO
+        else:
             return ZERO
+        if amount == trade.amount:
+            return amount
         est = CostModel().estimate(market, "buy", amount)
         if est.notional < market.min_notional:
             return ZERO
         return est.amount
 
-    def _lock_need(self, trade: Trade, amount: Decimal, fee: Decimal) -> tuple[str, Decimal]:
+    def _lock_need(self, trade: Trade, amount: Decimal, fee: Decimal, limit: Decimal) -> tuple[str, Decimal]:
+        """A sell locks its base; a buy the most its protected order may spend (limit price, fee included)."""
         base, quote = trade.market.split("/")
         if trade.side == "sell":
             return base, amount
-        wanted = amount * trade.est_price * (1 + fee)
-        buffered = (wanted * (1 + BUY_LOCK_BUFFER)).quantize(Decimal("1e-8"), rounding=ROUND_UP)
+        most = (amount * limit * (1 + fee)).quantize(Decimal("1e-8"), rounding=ROUND_UP)
         available = self.ledger.available(self.pid, quote)
-        if buffered > available >= wanted:
-            return quote, available
-        return quote, buffered
+        return quote, min(most, available) if available > 0 else most
 
-    def _send(self, market: str, side: str, amount: Decimal, key: str, mark_sent: Callable[[], None]) -> OrderResult:
+    def _send(
+        self,
+        market: str,
+        side: str,
+        amount: Decimal,
+        key: str,
+        mark_sent: Callable[[], None],
+        worst_price: Decimal,
+    ) -> OrderResult:
         """Send once; on an unknown outcome look up by client order id, re-send (same id) only if unknown."""
         for attempt in range(1, MAX_SENDS + 1):
             try:
-                return self.exchange.create_market_order(
-                    market, side, amount, key, before_send=_then_failpoint(mark_sent)
+                return self.exchange.create_order(
+                    market, Side(side), amount, key, worst_price=worst_price, before_send=_then_failpoint(mark_sent)
                 )
             except OrderAlreadyPlacedError as exc:
                 found = self._lookup(market, key, exc, settle=False)

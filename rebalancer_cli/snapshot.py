@@ -48,6 +48,7 @@ class Market:
     asks: tuple[Level, ...]
     volatility: Decimal | None = None
     fee_source: str = "snapshot"
+    price_step: Decimal | None = None  # the tick; protected orders' limits are rounded to it
     mid: Decimal = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -93,6 +94,7 @@ class MarketFile(BaseModel):
     asks: list[BookLevel] = Field(description="Asks, best (lowest) first: [price, amount]")
     volatility: NonNegative | None = Field(None, description="Daily realized volatility, e.g. 0.03")
     fee_source: str = Field("snapshot", description="Where the fee came from (account, config, default)")
+    price_step: Positive | None = Field(None, description="Price tick; order limits are rounded to it")
 
     @field_validator("bids")
     @classmethod
@@ -171,6 +173,7 @@ def from_file_model(model: SnapshotFile, source: str = "file") -> Snapshot:
             asks=tuple(m.asks),
             volatility=m.volatility,
             fee_source=m.fee_source,
+            price_step=m.price_step,
         )
     return Snapshot(
         taken_at=model.taken_at,
@@ -212,6 +215,8 @@ def to_document(snapshot: Snapshot) -> dict[str, Any]:
         }
         if m.volatility is not None:
             entry["volatility"] = str(m.volatility)
+        if m.price_step is not None:
+            entry["price_step"] = str(m.price_step)
         if m.fee_source != "snapshot":
             entry["fee_source"] = m.fee_source
         markets[symbol] = entry

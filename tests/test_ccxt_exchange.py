@@ -44,6 +44,7 @@ from rebalancer_cli.errors import (
     InvalidOrderError,
     RateLimitedError,
 )
+from rebalancer_cli.exchange.base import Side
 from rebalancer_cli.exchange.breaker import BreakerState, CircuitBreaker
 from rebalancer_cli.exchange.ccxt_exchange import CcxtExchange, _max_cost
 from rebalancer_cli.exchange.ratelimit import bucket_for_exchange
@@ -361,13 +362,13 @@ def test_a_market_order_lost_in_a_timeout_is_found_filled_by_its_client_order_id
         for market in snap.markets.values():
             _assert_decimals(market)
 
-        placed = exchange.create_market_order("BTC/USDC", "buy", D("0.01"), "rb-test-order-1")
+        placed = exchange.create_order("BTC/USDC", Side.BUY, D("0.01"), "rb-test-order-1", worst_price=D("70000"))
         assert (placed.status, placed.filled, placed.client_order_id) == ("closed", D("0.01"), "rb-test-order-1")
         _assert_decimals(placed)
 
         busy.faults.timeout_after_accept(hang_seconds=2)  # the exchange fills it, the answer never comes
         with pytest.raises(ExchangeTimeoutError):
-            exchange.create_market_order("BTC/USDC", "sell", D("0.02"), "rb-test-order-2")
+            exchange.create_order("BTC/USDC", Side.SELL, D("0.02"), "rb-test-order-2", worst_price=D("60000"))
         found = exchange.fetch_order("BTC/USDC", "rb-test-order-2")
         assert exchange.fetch_order("BTC/USDC", "rb-test-never-sent") is None
     finally:
@@ -411,7 +412,7 @@ def test_an_order_refused_on_its_merits_is_sent_once_and_execute_exits_4(
     arm(busy)
     try:
         with pytest.raises(error):
-            exchange.create_market_order("BTC/USDC", "sell", D("0.1"), "rb-test-refused")
+            exchange.create_order("BTC/USDC", Side.SELL, D("0.1"), "rb-test-refused", worst_price=D("60000"))
     finally:
         exchange.close()
     assert requests(busy)[NEW_ORDER] == 1 and busy.stats()["orders_accepted"] == 0
@@ -426,7 +427,9 @@ def test_a_real_notional_failure_arrives_as_bad_request_and_is_an_invalid_order(
     exchange = CcxtExchange.from_config(load_config(write_config(tmp_path / "p.yaml", busy)))
     try:
         with pytest.raises(InvalidOrderError, match=r"BadRequest.*NOTIONAL"):
-            exchange.create_market_order("BTC/USDC", "buy", D("0.00001"), "rb-test-tiny")  # 0.65 USDC < 5
+            exchange.create_order(
+                "BTC/USDC", Side.BUY, D("0.00001"), "rb-test-tiny", worst_price=D("100000")
+            )  # 0.65 USDC < 5
     finally:
         exchange.close()
 

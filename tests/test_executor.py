@@ -337,7 +337,7 @@ def test_partial_fill_is_recorded_and_the_buy_shrinks_to_the_quote_freed(
     assert sell.status == "partial" and sell.filled == D("0.2") < sell.amount
     assert "partially filled" in sell.reason
     # sized on what the sell really freed: smaller than planned, and it filled instead of being refused
-    assert buy.status == "filled" and buy.filled < planned[1].amount
+    assert buy.status == "filled" and buy.filled < planned[1].amount, buy.reason
     assert buy.cost <= OPENING["USDC"] + sell.cost - sell.fees["USDC"]
     check_consistent(config, emu, report)
     audit = open_audit_for(load_config(config))
@@ -348,10 +348,32 @@ def test_partial_fill_is_recorded_and_the_buy_shrinks_to_the_quote_freed(
     assert record is not None and record.filled == D("0.2") and "partially filled" in (record.reason or "")
 
 
+def test_a_book_that_fell_past_the_bound_fills_less_never_below_it(
+    tmp_path: Path, emu: Emulator, unique_id: str
+) -> None:
+    config = emu_config(tmp_path, emu, unique_id, max_slippage=0.002)
+    planned = make_plan(config)[1].trades[0]
+    assert planned.side == "sell"
+    # the bids fall about 0.5% between the plan and the order: only the levels within the bound may fill
+    lower = once(
+        emu,
+        "locked",
+        "BTC",
+        lambda: emu.set_book("BTC/USDC", levels("64870", "-10", "0.05"), levels("64880", "10", "2")),
+    )
+    report = execute(config, listener=lower)
+    sell = report.outcomes[0]
+    assert sell.status == "partial" and report.exit_code == 4
+    bound = D("64990") * (1 - D("0.002"))  # the worst level the plan walked (the best bid here) widened by 0.2%
+    assert sell.avg_price is not None and sell.avg_price >= bound
+    assert sell.filled == D("0.05") * sum(1 for i in range(12) if D("64870") - 10 * i >= bound)
+    check_consistent(config, emu, report)
+
+
 def test_a_fill_worse_than_planned_is_booked_as_filled_and_flagged(
     tmp_path: Path, emu: Emulator, unique_id: str
 ) -> None:
-    config = emu_config(tmp_path, emu, unique_id)
+    config = emu_config(tmp_path, emu, unique_id, max_slippage=0.01)
     lower = once(
         emu, "locked", "BTC", lambda: emu.set_book("BTC/USDC", levels("64670", "-10", "2"), levels("64680", "10", "2"))
     )

@@ -11,13 +11,24 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol
+from enum import StrEnum
+from typing import Literal, Protocol
 
 from ..config import Config
 from ..planner import PlannerState
 from ..snapshot import Snapshot
 
 ZERO = Decimal(0)
+
+
+class Side(StrEnum):
+    BUY = "buy"
+    SELL = "sell"
+
+
+# How an exchange takes a protected order: an immediate-or-cancel limit at the worst acceptable price (a moved
+# book fills less, never worse), or, where a venue offers no IOC, a market order whose fills are checked after.
+Protection = Literal["ioc_limit", "market"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,16 +90,23 @@ class Exchange(Protocol):
         """(free, locked) per asset."""
         ...
 
-    def create_market_order(
+    protection: Protection  # how `create_order` bounds the price it fills at
+
+    def create_order(
         self,
         market: str,
-        side: str,
+        side: Side,
         amount: Decimal,
         client_order_id: str,
         *,
+        worst_price: Decimal,
         before_send: Callable[[], None] | None = None,
     ) -> OrderResult:
-        """`before_send` runs once the request may leave (after any rate-limit wait), right before it does."""
+        """Buy or sell `amount` base units, never at a price worse than `worst_price` where the exchange offers
+        immediate-or-cancel limit orders (`protection == "ioc_limit"`); the unfilled rest expires.
+
+        `before_send` runs once the request may leave (after any rate-limit wait), right before it does; if it
+        raises, nothing is sent."""
         ...
 
     def fetch_order(self, market: str, client_order_id: str) -> OrderResult | None:

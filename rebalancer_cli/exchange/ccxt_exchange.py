@@ -51,7 +51,7 @@ from ..errors import (
 from ..fsutil import atomic_write_text
 from ..planner import PlannerState, needs_book
 from ..snapshot import Level, Market, Snapshot
-from .base import FillInfo, OrderResult, fees_by_currency
+from .base import FillInfo, OrderResult, Protection, Side, fees_by_currency
 from .breaker import CircuitBreaker
 from .ratelimit import RateLimiter, bucket_for_exchange, limit_per_minute_from_ccxt
 from .retry import RetryPolicy, call_with_retry
@@ -136,6 +136,7 @@ class CcxtExchange:
         book_limit: int = BOOK_LIMIT,
     ) -> None:
         self.id = str(client.id)
+        self.protection: Protection = "ioc_limit"
         self.client = client
         self.calls: Counter[str] = Counter()
         self.limiter = limiter
@@ -347,6 +348,16 @@ class CcxtExchange:
             return minimum
         raise ExchangeError(f"{self.id} gives no usable lot size for {market.get('symbol')}")
 
+    def _price_step(self, market: Mapping[str, Any]) -> Decimal | None:
+        precision = to_decimal((market.get("precision") or {}).get("price"), "price precision")
+        if precision is None or precision <= 0:
+            return None
+        if self.client.precisionMode == ccxt.TICK_SIZE:
+            return precision
+        if self.client.precisionMode == ccxt.DECIMAL_PLACES and precision == precision.to_integral_value():
+            return Decimal(1).scaleb(-int(precision))
+        return None
+
     def _taker_fee(self, symbol: str, market: Mapping[str, Any]) -> tuple[Decimal, str]:
         fees = self._fees()
         if symbol in fees:
@@ -453,6 +464,7 @@ class CcxtExchange:
                 asks=asks,
                 volatility=vols[s],
                 fee_source=source,
+                price_step=self._price_step(info),
             )
         assets = {a.symbol for a in config.assets}
         balances = {k: v for k, v in free.items() if k in assets}
@@ -525,23 +537,31 @@ class CcxtExchange:
             self._hooks.before_send = None
             hook()
 
-    def create_market_order(
+    def create_order(
         self,
         market: str,
-        side: str,
+        side: Side,
         amount: Decimal,
         client_order_id: str,
         *,
+        worst_price: Decimal,
         before_send: Callable[[], None] | None = None,
     ) -> OrderResult:
-        """One attempt, never retried here: after a timeout only a lookup by client order id can tell."""
+        """One attempt, never retried here: after a timeout only a lookup by client order id can tell.
+
+        An immediate-or-cancel limit at `worst_price`: what the book no longer holds at that price expires."""
         self._ensure_markets()
         self._hooks.before_send = before_send
         try:
             raw = self._call(
                 "create_order",
                 lambda: self.client.create_order(
-                    market, "market", side, format(amount, "f"), None, {"clientOrderId": client_order_id}
+                    market,
+                    "limit",
+                    str(side),
+                    format(amount, "f"),
+                    format(worst_price, "f"),
+                    {"clientOrderId": client_order_id, "timeInForce": "IOC"},
                 ),
                 retry=False,
             )

@@ -19,7 +19,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from ..config import Config
-from ..costs import walk_book
+from ..costs import walk_book, within_limit
 from ..errors import (
     BadSymbolError,
     InsufficientFundsError,
@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..planner import PlannerState
 from ..snapshot import Market, Snapshot, load_snapshot
-from .base import FillInfo, OrderResult
+from .base import FillInfo, OrderResult, Protection, Side
 
 ZERO = Decimal(0)
 
@@ -49,7 +49,15 @@ class PaperFill:
     status: str  # closed, or expired when the visible book held less than asked
 
 
-def paper_fill(market: Market, side: str, amount: Decimal, *, base_free: Decimal, quote_free: Decimal) -> PaperFill:
+def paper_fill(
+    market: Market,
+    side: str,
+    amount: Decimal,
+    *,
+    base_free: Decimal,
+    quote_free: Decimal,
+    limit: Decimal | None = None,
+) -> PaperFill:
     """The paper exchange's fill rule, pure: the paper exchange and the backtest both fill through it, so a
     backtest's fills are the fills `execute` would get on paper.
 
@@ -62,8 +70,14 @@ def paper_fill(market: Market, side: str, amount: Decimal, *, base_free: Decimal
         raise InvalidOrderError(
             f"{market.symbol}: amount {amount} is not a positive multiple of the lot {market.amount_step}"
         )
-    walk = walk_book(market.asks if side == "buy" else market.bids, amount)
-    if walk.notional < market.min_notional:
+    if limit is not None and amount * limit < market.min_notional:
+        # exchanges check a limit order's notional at its limit price, before anything fills
+        raise InvalidOrderError(f"{market.symbol}: notional {amount * limit} below the minimum {market.min_notional}")
+    walk = walk_book(within_limit(market.asks if side == "buy" else market.bids, side, limit), amount)
+    if walk.filled == 0 and limit is not None:
+        # an immediate-or-cancel limit that the book does not reach: nothing trades, the order expires
+        return PaperFill(side, ZERO, ZERO, ZERO, market.quote, ZERO, ZERO, "expired")
+    if limit is None and walk.notional < market.min_notional:
         raise InvalidOrderError(f"{market.symbol}: notional {walk.notional} below the minimum {market.min_notional}")
     status = "closed" if not walk.capped else "expired"
     if side == "buy":
@@ -89,6 +103,7 @@ create table if not exists orders (
 
 class PaperExchange:
     id = "paper"
+    protection: Protection = "ioc_limit"
     settle_window = 0.0  # orders are local transactions: never in flight after a crash
 
     def __init__(self, snapshot_path: Path, state_dir: Path, account: str, *, now: datetime | None = None) -> None:
@@ -163,13 +178,14 @@ class PaperExchange:
             source=f"paper:{self._book.source}",
         )
 
-    def create_market_order(
+    def create_order(
         self,
         market: str,
-        side: str,
+        side: Side,
         amount: Decimal,
         client_order_id: str,
         *,
+        worst_price: Decimal,
         before_send: Callable[[], None] | None = None,
     ) -> OrderResult:
         self.calls["create_order"] += 1
@@ -188,7 +204,12 @@ class PaperExchange:
             ).fetchone():
                 raise OrderAlreadyPlacedError(f"order {client_order_id} was already placed")
             fill = paper_fill(
-                m, side, amount, base_free=self._balance(db, m.base), quote_free=self._balance(db, m.quote)
+                m,
+                side,
+                amount,
+                base_free=self._balance(db, m.base),
+                quote_free=self._balance(db, m.quote),
+                limit=worst_price,
             )
             self._add(db, m.quote, fill.quote_delta)
             self._add(db, m.base, fill.base_delta)
