@@ -14,6 +14,8 @@ from typing import Protocol
 from .snapshot import Level, Market
 
 ZERO = Decimal(0)
+# Without `max_slippage`, a protected order's limit is the worst level its book walk reached, widened by this.
+DEFAULT_PRICE_BOUND = Decimal("0.005")
 
 
 @dataclass(frozen=True, slots=True)

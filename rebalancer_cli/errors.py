@@ -19,6 +19,8 @@ class ExitCode:
     UNREACHABLE = 3
     INCOMPLETE = 4
     REFUSED = 5
+    BUSY = 6
+    BAD_FILL = 7
     PLAN_HAS_TRADES = 10
 
 
@@ -179,6 +181,26 @@ class RefusedError(RebalanceError):
 
 class HaltedError(RefusedError):
     """The kill switch is set for this portfolio."""
+
+
+class SendRefusedError(RefusedError):
+    """The ledger refused to let an order leave right before its request (kill switch pulled, or its lock was
+    taken back by a successor's recovery): nothing was sent."""
+
+
+class LedgerLostError(RefusedError):
+    """The shadow ledger came back without the portfolio's state (a store restarted empty): it refuses to
+    trade until `reconcile --repair` rebuilds it from the exchange and the audit trail."""
+
+
+class PortfolioBusyError(RebalanceError):
+    """Another writer (an `execute`, a `reconcile --repair`, a daemon) holds the portfolio's lease."""
+
+    exit_code = ExitCode.BUSY
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class LeaseLostError(StoreError):

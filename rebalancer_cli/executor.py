@@ -17,22 +17,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal
-from typing import Any
+from typing import Any, Literal
 
-from . import failpoints
+from . import failpoints, killswitch
 from .audit.base import AuditStore, Fill, OrderIntent, OrderRecord, OrderStatus
 from .config import Config
-from .costs import CostModel, worst_acceptable_price
+from .costs import DEFAULT_PRICE_BOUND, CostModel, worst_acceptable_price
 from .errors import (
     CircuitOpenError,
     ExchangeError,
+    ExecutionIncompleteError,
     ExitCode,
     HaltedError,
+    LeaseLostError,
     NonRetryableExchangeError,
     OrderAlreadyPlacedError,
     OrderNotFoundError,
     RefusedError,
     RetryableExchangeError,
+    SendRefusedError,
+    ServiceUnavailableError,
+    StoreError,
 )
 from .exchange.base import Exchange, FillInfo, OrderResult, Side, fees_by_currency
 from .ledger.base import ShadowLedger
@@ -46,8 +51,6 @@ LOCK_TTL_SECONDS = 600.0
 MAX_SENDS = 3
 # a saved plan's weights are written to 8 decimals; holdings that moved less than this have not changed
 SAVED_PLAN_WEIGHT_TOLERANCE = Decimal("1e-6")
-# without `max_slippage`, a protected order's limit is the worst level its book walk reached, widened by this
-DEFAULT_PRICE_BOUND = Decimal("0.005")
 
 Listener = Callable[["OrderOutcome"], None]
 
@@ -60,21 +63,73 @@ def _then_failpoint(mark_sent: Callable[[], None]) -> Callable[[], None]:
     return before_send
 
 
+# an order's average price is a quotient of the exchange's rounded totals: this much past the bound is rounding
+BOUND_TOLERANCE = Decimal("1e-9")
+# a fill this many times away from its estimate cannot be a market price (checked when no bound is known)
+ABSURD_FACTOR = Decimal(100)
+
+
+def _short(d: Decimal) -> str:
+    return format(d.quantize(Decimal("1e-12")).normalize(), "f")
+
+
+def _suspect(intent: OrderIntent, fills: list[FillInfo], filled: Decimal, cost: Decimal) -> str | None:
+    """Why an exchange's report of an order cannot be true, or None. Such a report must not be booked (nor
+    wedge every later run): zero or negative prices or amounts, or a price no market could have. (Negative
+    fees are maker rebates, not suspect.)"""
+    for f in fills:
+        if not (f.price.is_finite() and f.amount.is_finite() and f.fee.is_finite()):
+            return f"a fill with a non-finite number (trade {f.trade_id})"
+        if f.price <= 0:
+            return f"a fill at price {f.price} (trade {f.trade_id})"
+        if f.amount <= 0:
+            return f"a fill of {f.amount} (trade {f.trade_id})"
+    if filled > 0 and cost <= 0:
+        return f"{filled} filled for a cost of {cost}"
+    if filled > intent.amount:
+        return f"{filled} filled on an order of {intent.amount}"
+    if filled > 0 and intent.est_price > 0:
+        avg = cost / filled
+        if avg > intent.est_price * ABSURD_FACTOR or avg * ABSURD_FACTOR < intent.est_price:
+            return f"an average price of {_short(avg)} against an estimate of {_short(intent.est_price)}"
+    return None
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# What happened to one trade, in the order a live view shows them. `breached`: it filled outside its worst
+# acceptable price; `suspect`: the exchange reported a fill that cannot be true (a zero or negative price).
+# Both halt the portfolio.
+OutcomeStatus = Literal[
+    "pending",
+    "locked",
+    "sent",
+    "filled",
+    "partial",
+    "rejected",
+    "refused",
+    "skipped",
+    "unknown",
+    "failed",
+    "cancelled",
+    "breached",
+    "suspect",
+]
+ReportStatus = Literal["done", "incomplete", "refused", "halted"]
+
+
 @dataclass
 class OrderOutcome:
-    """What happened to one trade; `status` is pending/locked/sent/filled/partial/rejected/refused/
-    skipped/unknown, in the order a live view shows them."""
+    """What happened to one trade (see OutcomeStatus)."""
 
     key: str
     symbol: str
     market: str
     side: str
     amount: Decimal
-    status: str = "pending"
+    status: OutcomeStatus = "pending"
     filled: Decimal = ZERO
     avg_price: Decimal | None = None
     cost: Decimal = ZERO
@@ -100,7 +155,8 @@ class OrderOutcome:
 
 
 # a partial fill leaves the portfolio short of its targets: the cycle is incomplete (exit 4), like a failure
-FAILED = frozenset({"rejected", "unknown", "failed", "partial"})
+FAILED: frozenset[OutcomeStatus] = frozenset({"rejected", "unknown", "failed", "partial"})
+BAD_FILLS: frozenset[OutcomeStatus] = frozenset({"breached", "suspect"})
 
 
 @dataclass
@@ -114,7 +170,9 @@ class ExecutionReport:
     notes: list[str] = field(default_factory=list)
 
     @property
-    def status(self) -> str:
+    def status(self) -> ReportStatus:
+        if any(o.status in BAD_FILLS for o in self.outcomes + self.recovered):
+            return "halted"
         if any(o.status in FAILED for o in self.outcomes + self.recovered):
             return "incomplete"
         if any(o.status == "refused" for o in self.outcomes):
@@ -122,8 +180,18 @@ class ExecutionReport:
         return "done"
 
     @property
+    def traded(self) -> bool:
+        """Whether anything filled in this run (recovered orders included)."""
+        return any(o.filled > 0 for o in self.outcomes + self.recovered)
+
+    @property
     def exit_code(self) -> int:
-        return {"done": ExitCode.OK, "incomplete": ExitCode.INCOMPLETE, "refused": ExitCode.REFUSED}[self.status]
+        return {
+            "done": ExitCode.OK,
+            "incomplete": ExitCode.INCOMPLETE,
+            "refused": ExitCode.REFUSED,
+            "halted": ExitCode.BAD_FILL,
+        }[self.status]
 
     def to_dict(self) -> dict[str, Any]:
         def q(d: Decimal | None) -> str | None:
@@ -174,6 +242,10 @@ class Executor:
             settle_window if settle_window is not None else float(getattr(exchange, "settle_window", 0.0))
         )
         self.sleep = sleep
+        # the kill switch's reason once `begin_send` found it pulled mid-cycle: the rest of the cycle is refused
+        self._halted_by: str | None = None
+        # worst acceptable price of each order sent in this run, for the check of its fills
+        self._bounds: dict[str, Decimal] = {}
 
     # -- the cycle ------------------------------------------------------------------------------------------
 
@@ -204,7 +276,7 @@ class Executor:
             self._emit(o)
         try:
             self._execute(plan, snapshot, report, saved=saved_plan is not None)
-        except BaseException:
+        except BaseException as exc:
             # A store or the exchange failed mid-cycle: the outcomes still read "locked" or "sent", so the report's
             # status would say "done". Record the plan as interrupted (best effort: the original error is what the
             # operator must see) and remember what did trade, for the cooldown.
@@ -213,6 +285,13 @@ class Executor:
                 self.audit.finish_plan(plan.plan_id, "interrupted", None, self.clock())
             with contextlib.suppress(Exception):
                 self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
+            left = [o for o in report.outcomes if o.filled > 0 or o.status in ("sent", "unknown")]
+            if left and isinstance(exc, ServiceUnavailableError):
+                # "unreachable, nothing was traded" (exit 3) would be a lie: say what did leave (exit 4)
+                done = ", ".join(f"{o.side} {o.market} {o.status} {o.filled}" for o in left)
+                raise ExecutionIncompleteError(
+                    f"{exc}; after orders of this run had left ({done}): the next run settles what is open"
+                ) from exc
             raise
         executed = {o.symbol for o in report.outcomes if o.filled > 0}
         if executed:
@@ -292,14 +371,11 @@ class Executor:
                 outcome.status, outcome.reason = "skipped", "shutting down: not started"
                 self._emit(outcome)
                 continue
-            try:
-                self.check_halt()
-            except HaltedError as exc:
-                for rest in report.outcomes[report.outcomes.index(outcome) :]:
-                    rest.status, rest.reason = "refused", str(exc)
-                    self._emit(rest)
-                return
-            refusal = self._guard(trade, mids.get(trade.symbol), turnover)
+            if self._halted_by is not None:
+                outcome.status, outcome.reason = "refused", f"portfolio halted during this cycle: {self._halted_by}"
+                self._emit(outcome)
+                continue
+            refusal = self._guard(trade, mids.get(trade.symbol), turnover, snapshot)
             if refusal:
                 outcome.status, outcome.reason = "refused", refusal
                 self.audit.record_event(
@@ -319,14 +395,23 @@ class Executor:
                 return
             turnover += outcome.cost
 
-    def _guard(self, trade: Trade, mid: Decimal | None, turnover: Decimal) -> str | None:
+    def _guard(self, trade: Trade, mid: Decimal | None, turnover: Decimal, snapshot: Snapshot) -> str | None:
+        """Guards on what would be sent, priced on the fresh snapshot's book: never on numbers carried by the
+        trade (a saved plan's notional or price may say anything)."""
         c = self.config
-        if c.max_trade_notional is not None and trade.notional > c.max_trade_notional:
-            return f"notional {trade.notional:.2f} above max_trade_notional {c.max_trade_notional}"
-        if c.max_cycle_turnover is not None and turnover + trade.notional > c.max_cycle_turnover:
-            return f"cycle turnover would reach {turnover + trade.notional:.2f}, above max_cycle_turnover"
+        market = snapshot.markets.get(trade.market)
+        if market is None:
+            return f"{trade.market} is not in the snapshot"
+        est = CostModel().estimate(market, trade.side, trade.amount)
+        if est.capped:
+            return f"{trade.amount} {market.base} is more than the visible book holds"
+        notional = est.notional
+        if c.max_trade_notional is not None and notional > c.max_trade_notional:
+            return f"notional {notional:.2f} above max_trade_notional {c.max_trade_notional}"
+        if c.max_cycle_turnover is not None and turnover + notional > c.max_cycle_turnover:
+            return f"cycle turnover would reach {turnover + notional:.2f}, above max_cycle_turnover"
         if c.max_slippage is not None and mid:
-            slip = abs(trade.est_price - mid) / mid
+            slip = abs(est.est_price - mid) / mid
             if slip > c.max_slippage:
                 return f"estimated price {slip * 100:.3f}% from mid, above max_slippage {c.max_slippage * 100}%"
         return None
@@ -379,17 +464,38 @@ class Executor:
         self._emit(outcome)
         failpoints.hit("after_lock")
 
+        key = trade.idempotency_key
+
         def mark_sent() -> None:
             # Durable before the request leaves, and stamped after any rate-limit wait: recovery counts the
             # exchange's receive window from this moment, so it must not be earlier than the request's signature.
             # written straight through (not behind): nothing else of this key is queued, its intent was synchronous
             write_now = getattr(self.audit, "update_order_now", self.audit.update_order)
-            write_now(trade.idempotency_key, OrderStatus.SENT, at=self.clock())
+            write_now(key, OrderStatus.SENT, at=self.clock())
+            # Then the fence, atomically with the kill switch and the lock: SENT is durable before this check,
+            # so a successor that took the lease after it passed finds SENT and waits out the settle window.
+            check, detail = self.ledger.begin_send(self.pid, key, fence=self.fence)
+            if check == "halted":
+                self._halted_by = detail
+                raise SendRefusedError(f"not sent: the portfolio was halted ({detail})")
+            if check != "ok":
+                raise SendRefusedError("not sent: its lock was taken back by another writer's recovery")
             outcome.status = "sent"
             self._emit(outcome)
 
+        self._bounds[key] = worst
         try:
-            result = self._send(trade.market, trade.side, amount, trade.idempotency_key, mark_sent, worst)
+            result = self._send(trade.market, trade.side, amount, key, mark_sent, worst)
+        except (SendRefusedError, LeaseLostError) as exc:
+            reason = str(exc) if isinstance(exc, SendRefusedError) else f"not sent: {exc}"
+            with contextlib.suppress(LeaseLostError):
+                self.ledger.release(self.pid, key, fence=self.fence)
+            self.audit.update_order(key, OrderStatus.CANCELLED, at=self.clock(), reason=reason)
+            outcome.status, outcome.reason = "refused", reason
+            self._emit(outcome)
+            if isinstance(exc, LeaseLostError):
+                raise
+            return
         except NonRetryableExchangeError as exc:
             self.ledger.release(self.pid, trade.idempotency_key, fence=self.fence)
             self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=str(exc))
@@ -577,6 +683,9 @@ class Executor:
             # The order's totals are what the exchange booked: a fill's price may be a rounded quotient, so the
             # books take the exchange's own cost (and its filled amount when the listed fills do not add up).
             filled, cost = result.filled, result.cost
+        suspect = _suspect(intent, fills, filled, cost)
+        if suspect is not None:
+            return self._hold_suspect(intent, o, suspect)
         recorded = None if first_report else self.audit.order(intent.key)
         if recorded is None or recorded.filled < filled:
             # An order reported again (a second lookup, recovery, reconcile) is stored once: fills are keyed by
@@ -621,6 +730,64 @@ class Executor:
                     {"key": intent.key, "est_price": str(o.est_price), "avg_price": str(o.avg_price)},
                     self.clock(),
                 )
+        if filled > 0:
+            self._check_bound(intent, o, fills, synthesized)
+        self._emit(o)
+        return o
+
+    def _check_bound(self, intent: OrderIntent, o: OrderOutcome, fills: list[FillInfo], synthesized: bool) -> None:
+        """A fill beyond the order's worst acceptable price: booked (it happened), then the portfolio is halted,
+        since an exchange that fills outside a limit order's price cannot be trusted with the next one."""
+        bound = self._bounds.get(intent.key) or self._planned_bound(intent)
+        if bound is None or o.avg_price is None:
+            return
+        buy = intent.side == "buy"
+        # listed fills are checked one by one; totals only by their average (a quotient: a hair of tolerance)
+        prices = [o.avg_price * (1 - BOUND_TOLERANCE if buy else 1 + BOUND_TOLERANCE)]
+        if not synthesized:
+            prices += [f.price for f in fills]
+        worst = max(prices) if buy else min(prices)
+        if (worst > bound) if buy else (worst < bound):
+            reason = (
+                f"order {intent.key} ({intent.side} {intent.market}) filled at {_short(worst)}, beyond its worst "
+                f"acceptable price {_short(bound)}: portfolio halted; check the exchange, then `rebalance resume`"
+            )
+            self.audit.record_event(
+                self.pid,
+                "price_breach",
+                {"key": intent.key, "bound": str(bound), "avg_price": str(o.avg_price), "worst": str(worst)},
+                self.clock(),
+            )
+            killswitch.halt(self.ledger, self.audit, self.pid, reason, "rebalance (price bound)")
+            self._halted_by = reason
+            o.status, o.reason = "breached", reason
+
+    def _planned_bound(self, intent: OrderIntent) -> Decimal | None:
+        """The bound an order of an earlier run was sent with: its plan's, as the audit trail recorded it."""
+        try:
+            plan = self.audit.plan(intent.plan_id)
+        except StoreError:
+            return None
+        for t in (plan or {}).get("trades", []):
+            if t.get("idempotency_key") == intent.key and t.get("worst_price"):
+                try:
+                    return Decimal(str(t["worst_price"]))
+                except ArithmeticError:
+                    return None
+        return None
+
+    def _hold_suspect(self, intent: OrderIntent, o: OrderOutcome, problem: str) -> OrderOutcome:
+        """An answer that cannot be true is not booked: the order stays open (its lock too), the portfolio is
+        halted naming it, and `reconcile --repair` settles it against the exchange once an operator looked."""
+        reason = (
+            f"order {intent.key} ({intent.side} {intent.market}): the exchange reported {problem}; not booked, "
+            "portfolio halted: check the order on the exchange, then `rebalance reconcile --repair`"
+        )
+        self.audit.update_order(intent.key, OrderStatus.UNKNOWN, at=self.clock(), reason=f"suspect: {problem}")
+        self.audit.record_event(self.pid, "suspect_fill", {"key": intent.key, "problem": problem}, self.clock())
+        killswitch.halt(self.ledger, self.audit, self.pid, reason, "rebalance (suspect fill)")
+        self._halted_by = reason
+        o.status, o.reason = "suspect", reason
         self._emit(o)
         return o
 

@@ -44,6 +44,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# Drop a lease whatever its token, but only while `holder` (exactly) still has it.
+_BREAK = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -94,6 +102,11 @@ class LeaseStore(Protocol):
 
     def holder(self, portfolio_id: str) -> str | None: ...
 
+    def break_lease(self, portfolio_id: str, holder: str) -> bool:
+        """Drop the lease while `holder` has it, whatever its token: for a holder known to be dead (a run
+        killed on this host). Its fencing token stays spent, so its late writes are refused anyway."""
+        ...
+
     def heartbeat(self, holder: str, ttl: float) -> int:
         """Announce `holder` alive for `ttl` seconds; returns how many instances are alive, itself included."""
         ...
@@ -113,6 +126,7 @@ class RedisLeases:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._break = client.register_script(_BREAK)
         self._heartbeat = client.register_script(_HEARTBEAT)
 
     @classmethod
@@ -203,6 +217,10 @@ class RedisLeases:
     def holder(self, portfolio_id: str) -> str | None:
         value = self._call(lambda: self._client.get(self._keys(portfolio_id)[0]))
         return str(value).rsplit("|", 1)[0] if value else None
+
+    def break_lease(self, portfolio_id: str, holder: str) -> bool:
+        keys = self._keys(portfolio_id)[:1]
+        return bool(self._call(lambda: self._break(keys=keys, args=[holder])))
 
     def heartbeat(self, holder: str, ttl: float) -> int:
         return int(self._call(lambda: self._heartbeat(keys=[MEMBERS_KEY], args=[holder, self._ms(ttl)])))
@@ -345,6 +363,13 @@ class SQLiteLeases:
 
         result: str | None = self._tx(run)
         return result
+
+    def break_lease(self, portfolio_id: str, holder: str) -> bool:
+        def run(db: sqlite3.Connection) -> bool:
+            cur = db.execute("delete from leases where pid=? and holder=?", (portfolio_id, holder))
+            return cur.rowcount == 1
+
+        return bool(self._tx(run))
 
     def heartbeat(self, holder: str, ttl: float) -> int:
         def run(db: sqlite3.Connection) -> int:

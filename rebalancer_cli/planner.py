@@ -18,7 +18,7 @@ from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Any, Protocol
 
 from .config import Config, RebalanceTo
-from .costs import CostEstimate, CostModel
+from .costs import DEFAULT_PRICE_BOUND, CostEstimate, CostModel, worst_acceptable_price
 from .errors import InputError, PlanningError
 from .ids import KeyFactory, new_key
 from .snapshot import Market, Snapshot
@@ -211,6 +211,8 @@ class Trade:
     est_slippage: Decimal
     idempotency_key: str
     drift_value: Decimal = ZERO
+    # the protected order's limit: the worst level the walk reached, widened by max_slippage (costs.py)
+    worst_price: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,6 +272,7 @@ class Plan:
                     "notional": _money(t.notional),
                     "est_fee": _money(t.est_fee),
                     "est_slippage": _money(t.est_slippage),
+                    "worst_price": plain(t.worst_price) if t.worst_price is not None else None,
                     "idempotency_key": t.idempotency_key,
                 }
                 for t in self.trades
@@ -558,6 +561,11 @@ def plan(
                 est_slippage=v.cost.slippage,
                 idempotency_key=key_factory(),
                 drift_value=v.drift_value,
+                # not yet rounded to the tick (the executor rounds what it sends, towards safety), so a plan is
+                # the same from a live exchange and from a snapshot file that does not carry ticks
+                worst_price=worst_acceptable_price(
+                    v.market, v.cost.side, v.cost.amount, config.max_slippage or DEFAULT_PRICE_BOUND
+                ),
             )
         )
 

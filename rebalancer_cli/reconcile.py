@@ -4,12 +4,14 @@ books we keep from the one we do not (the exchange is the truth about balances a
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from . import killswitch
 from .audit.base import AuditStore, OrderStatus
 from .config import Config
 from .errors import ExchangeError
@@ -22,7 +24,7 @@ RECENT_ORDERS = 50
 
 @dataclass(frozen=True)
 class Difference:
-    kind: str  # balance | order | lock
+    kind: str  # balance | order | lock | ledger | halt
     subject: str  # asset, or order key
     exchange: str
     ledger: str
@@ -58,10 +60,31 @@ def reconcile(
     repair: bool = False,
     settle: Callable[..., Any] | None = None,
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    fence: int | None = None,
 ) -> ReconcileReport:
-    """List every disagreement; with `repair`, bring ledger and audit in line with the exchange and record it."""
+    """List every disagreement; with `repair`, bring ledger and audit in line with the exchange and record it.
+
+    `fence`: the repairing writer's lease token, carried by every ledger write it makes."""
     pid = config.portfolio_id
     report = ReconcileReport(pid)
+    known = killswitch.known_epoch(audit, pid)
+    epoch, created = ledger.epoch(pid, uuid.uuid4().hex)
+    if known is not None and epoch != known:
+        report.differences.append(
+            Difference(
+                "ledger",
+                "epoch",
+                "",
+                f"epoch {epoch}" + (" (came back empty)" if created else ""),
+                f"epoch {known}",
+                "the ledger lost its state; repair rebuilds it from the exchange",
+            )
+        )
+    durable = killswitch.durable_halt(audit, pid)
+    if durable is not None and ledger.halted(pid) is None:
+        report.differences.append(
+            Difference("halt", pid, "", "not halted", f"halted: {durable.reason}", "the ledger forgot a halt")
+        )
     assets = [a.symbol for a in config.assets]
     free, locked = exchange.fetch_balances()
     held = ledger.balances(pid)
@@ -128,7 +151,7 @@ def reconcile(
                 )
             )
     if repair and report.differences:
-        _repair(config, exchange, ledger, audit, report, free, locked, settle, now)
+        _repair(config, exchange, ledger, audit, report, free, locked, settle, now, fence)
     return report
 
 
@@ -142,30 +165,64 @@ def _repair(
     locked: dict[str, Decimal],
     settle: Callable[..., Any] | None,
     now: Callable[[], datetime],
+    fence: int | None,
 ) -> None:
     pid = config.portfolio_id
+    resync = any(d.kind in ("balance", "ledger") for d in report.differences)
     for d in report.differences:
-        if d.kind == "order" and settle is not None:
+        if d.kind == "halt":
+            durable = killswitch.durable_halt(audit, pid)
+            if durable is not None:
+                ledger.halt(pid, durable.reason, durable.by)
+                report.repaired.append(f"halt restored from the audit trail: {durable.reason}")
+        elif d.kind == "order" and settle is not None:
             record = audit.order(d.subject)
             if record is None:
                 continue
             found = exchange.fetch_order(record.intent.market, d.subject)
             if found is not None:
-                settle(record.intent, found)
+                outcome = settle(record.intent, found)
+                if getattr(outcome, "status", None) == "suspect":
+                    # the exchange still reports what cannot be true: the order is closed by its balances
+                    # (synced below from the exchange), its fills are not booked, and the halt stays
+                    ledger.release(pid, d.subject, fence=fence)
+                    audit.update_order(
+                        d.subject,
+                        OrderStatus.FILLED if found.filled > 0 else OrderStatus.CANCELLED,
+                        at=now(),
+                        reason=f"reconcile: {outcome.reason}; booked from the exchange's balances, fills untrusted",
+                    )
+                    report.repaired.append(
+                        f"order {d.subject}: closed from the exchange's balances (its report stays suspect); "
+                        "the portfolio stays halted until `rebalance resume`"
+                    )
+                    resync = True
+                    continue
                 report.repaired.append(f"order {d.subject}: recorded as the exchange reports it ({found.status})")
             elif not record.status.terminal:
-                ledger.release(pid, d.subject)
+                ledger.release(pid, d.subject, fence=fence)
                 audit.update_order(
                     d.subject, OrderStatus.CANCELLED, at=now(), reason="reconcile: the exchange never received it"
                 )
                 report.repaired.append(f"order {d.subject}: cancelled, never reached the exchange")
         elif d.kind == "lock":
-            ledger.release(pid, d.subject)
+            ledger.release(pid, d.subject, fence=fence)
             report.repaired.append(f"lock {d.subject}: released")
     holdings = {a.symbol: free.get(a.symbol, ZERO) + locked.get(a.symbol, ZERO) for a in config.assets}
-    if any(d.kind == "balance" for d in report.differences):
-        ledger.sync_balances(pid, holdings)
+    if resync:
+        if any(d.kind != "balance" for d in report.differences):
+            free, locked = exchange.fetch_balances()  # orders were settled above: read the balances again
+            holdings = {a.symbol: free.get(a.symbol, ZERO) + locked.get(a.symbol, ZERO) for a in config.assets}
+        ledger.sync_balances(pid, holdings, fence=fence)
         report.repaired.append("ledger holdings set to the exchange's balances")
+    if any(d.kind == "ledger" for d in report.differences):
+        durable = killswitch.durable_halt(audit, pid)
+        if durable is not None and ledger.halted(pid) is None:
+            ledger.halt(pid, durable.reason, durable.by)
+            report.repaired.append(f"halt restored from the audit trail: {durable.reason}")
+        adopted = killswitch.adopt_epoch(ledger, audit, pid)
+        if adopted:
+            report.repaired.append(f"ledger rebuilt from the exchange; its epoch {adopted} is now the trusted one")
     audit.record_event(
         pid,
         "reconcile_repair",

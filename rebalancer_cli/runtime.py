@@ -138,8 +138,13 @@ def execute(
     saved_plan: Path | None = None,
     listener: Listener | None = None,
     plan_only: bool = False,
+    wait: float = 0.0,
 ) -> ExecutionReport:
-    """`rebalance execute`: recover, snapshot, plan (or check a saved plan), execute, record."""
+    """`rebalance execute`: hold the portfolio's lease, recover, snapshot, plan (or check a saved plan),
+    execute, record. Another writer holding the portfolio longer than `wait` seconds: PortfolioBusyError."""
+    import threading
+
+    from . import killswitch, writer
     from .executor import Executor
 
     config = load_config(config_path)
@@ -150,8 +155,11 @@ def execute(
         try:
             exchange = open_exchange(config)
             try:
-                executor = Executor(config, exchange, ledger, audit, listener=listener)
-                return executor.run(saved_plan=plan_obj, plan_only=plan_only)
+                stop = threading.Event()
+                with writer.hold(config, ledger, "execute", wait=wait, on_lost=stop.set) as token:
+                    killswitch.verify(ledger, audit, config.portfolio_id)
+                    executor = Executor(config, exchange, ledger, audit, listener=listener, fence=token, stop=stop)
+                    return executor.run(saved_plan=plan_obj, plan_only=plan_only)
             finally:
                 exchange.close()
         finally:
@@ -177,25 +185,33 @@ def load_saved_plan(path: Path) -> Plan:
 
 
 def halt(config_path: Path, reason: str, by: str | None = None) -> Halt:
+    """Pull the kill switch: in the audit store (durable) and the ledger (checked before every order)."""
+    from . import killswitch
+
     config = load_config(config_path)
     ledger = open_ledger_for(config)
     try:
-        ledger.halt(config.portfolio_id, reason, by or operator())
-        halted = ledger.halted(config.portfolio_id)
-        assert halted is not None
-        return halted
+        audit = open_audit_for(config)
+        try:
+            return killswitch.halt(ledger, audit, config.portfolio_id, reason, by or operator())
+        finally:
+            audit.close()
     finally:
         ledger.close()
 
 
-def resume(config_path: Path) -> Halt | None:
+def resume(config_path: Path, by: str | None = None) -> Halt | None:
     """Lift the kill switch; returns the halt that was lifted (None when it was not set)."""
+    from . import killswitch
+
     config = load_config(config_path)
     ledger = open_ledger_for(config)
     try:
-        previous = ledger.halted(config.portfolio_id)
-        ledger.resume(config.portfolio_id)
-        return previous
+        audit = open_audit_for(config)
+        try:
+            return killswitch.resume(ledger, audit, config.portfolio_id, by or operator())
+        finally:
+            audit.close()
     finally:
         ledger.close()
 
@@ -225,8 +241,12 @@ def migrate(config_path: Path | None = None, database_url: str | None = None) ->
         store.close()
 
 
-def reconcile(config_path: Path, *, repair: bool = False) -> ReconcileReport:
-    """`rebalance reconcile`: exchange vs ledger vs audit; `repair` aligns ledger and audit to the exchange."""
+def reconcile(config_path: Path, *, repair: bool = False, wait: float = 0.0) -> ReconcileReport:
+    """`rebalance reconcile`: exchange vs ledger vs audit; `repair` aligns ledger and audit to the exchange,
+    holding the portfolio's lease like any writer (a plain comparison only reads)."""
+    import contextlib
+
+    from . import writer
     from .executor import Executor
     from .reconcile import reconcile as run
 
@@ -237,8 +257,10 @@ def reconcile(config_path: Path, *, repair: bool = False) -> ReconcileReport:
         try:
             exchange = open_exchange(config)
             try:
-                executor = Executor(config, exchange, ledger, audit)
-                return run(config, exchange, ledger, audit, repair=repair, settle=executor.settle)
+                lease = writer.hold(config, ledger, "reconcile --repair", wait=wait) if repair else None
+                with lease if lease is not None else contextlib.nullcontext(None) as token:
+                    executor = Executor(config, exchange, ledger, audit, fence=token)
+                    return run(config, exchange, ledger, audit, repair=repair, settle=executor.settle, fence=token)
             finally:
                 exchange.close()
         finally:

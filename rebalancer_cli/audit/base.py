@@ -12,7 +12,7 @@ import decimal
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -201,8 +201,10 @@ class AuditStore(Protocol):
 
     def fees_since(self, portfolio_id: str, since: datetime) -> dict[str, Decimal]: ...
 
-    def events(self, portfolio_id: str, limit: int = 100) -> list[tuple[datetime, str, dict[str, Any]]]:
-        """Events, newest first."""
+    def events(
+        self, portfolio_id: str, limit: int = 100, kinds: Sequence[str] | None = None
+    ) -> list[tuple[datetime, str, dict[str, Any]]]:
+        """Events, newest first; only those of `kinds` when given."""
         ...
 
     def plan(self, plan_id: str) -> dict[str, Any] | None:

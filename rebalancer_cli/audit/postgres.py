@@ -15,7 +15,7 @@ import logging
 import math
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -545,12 +545,15 @@ class PostgresAuditStore:
         with self._conn() as conn:
             conn.execute("INSERT INTO events (portfolio_id, kind, at, detail) VALUES (%s, %s, %s, %s::jsonb)", params)
 
-    def events(self, portfolio_id: str, limit: int = 100) -> list[tuple[datetime, str, dict[str, Any]]]:
+    def events(
+        self, portfolio_id: str, limit: int = 100, kinds: Sequence[str] | None = None
+    ) -> list[tuple[datetime, str, dict[str, Any]]]:
         check_limit(limit)
         with self._conn() as conn:
             rows = conn.execute(
-                "SELECT at, kind, detail::text FROM events WHERE portfolio_id = %s ORDER BY at DESC, id DESC LIMIT %s",
-                (portfolio_id, limit),
+                "SELECT at, kind, detail::text FROM events WHERE portfolio_id = %s "
+                "AND (%s::text[] IS NULL OR kind = ANY(%s::text[])) ORDER BY at DESC, id DESC LIMIT %s",
+                (portfolio_id, None if kinds is None else list(kinds), None if kinds is None else list(kinds), limit),
             ).fetchall()
         return [(_utc(at), kind, load_json(detail)) for at, kind, detail in rows]
 

@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -468,15 +468,19 @@ class SqliteAuditStore:
             ),
         )
 
-    def events(self, portfolio_id: str, limit: int = 100) -> list[tuple[datetime, str, dict[str, Any]]]:
+    def events(
+        self, portfolio_id: str, limit: int = 100, kinds: Sequence[str] | None = None
+    ) -> list[tuple[datetime, str, dict[str, Any]]]:
         check_limit(limit)
+        only = "" if kinds is None else f" AND kind IN ({', '.join('?' for _ in kinds) or 'NULL'})"
 
         def run(conn: sqlite3.Connection) -> list[tuple[datetime, str, dict[str, Any]]]:
             return [
                 (_dt(at), kind, load_json(detail))
                 for at, kind, detail in conn.execute(
-                    "SELECT at, kind, detail FROM events WHERE portfolio_id = ? ORDER BY at DESC, id DESC LIMIT ?",
-                    (portfolio_id, limit),
+                    f"SELECT at, kind, detail FROM events WHERE portfolio_id = ?{only} "
+                    "ORDER BY at DESC, id DESC LIMIT ?",
+                    (portfolio_id, *(kinds or ()), limit),
                 )
             ]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -131,9 +131,11 @@ class WriteBehindAudit:
         self.flush()
         return self.store.fees_since(portfolio_id, since)
 
-    def events(self, portfolio_id: str, limit: int = 100) -> list[tuple[datetime, str, dict[str, Any]]]:
+    def events(
+        self, portfolio_id: str, limit: int = 100, kinds: Sequence[str] | None = None
+    ) -> list[tuple[datetime, str, dict[str, Any]]]:
         self.flush()
-        return self.store.events(portfolio_id, limit)
+        return self.store.events(portfolio_id, limit, kinds)
 
     def plan(self, plan_id: str) -> dict[str, Any] | None:
         self.flush()

@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
+
+# What `begin_send` found: the order may leave, or why it may not.
+SendCheck = Literal["ok", "halted", "unlocked"]
 
 # Fencing tokens must fit a signed 64-bit integer: SQLite stores them as INTEGER, Redis compares them exactly.
 MAX_FENCE = 2**63 - 1
@@ -91,6 +94,17 @@ class ShadowLedger(Protocol):
     def locks(self, portfolio_id: str) -> list[Lock]: ...
 
     def is_committed(self, portfolio_id: str, key: str) -> bool: ...
+
+    def begin_send(self, portfolio_id: str, key: str, *, fence: int | None) -> tuple[SendCheck, str]:
+        """The last step before an order leaves, atomic: the sender's token is still the newest (else
+        LeaseLostError), the kill switch is off (`halted`, with its reason) and the order's lock is still live
+        (`unlocked`: recovery by a successor took it back). Only `ok` lets the request go."""
+        ...
+
+    def epoch(self, portfolio_id: str, fresh: str) -> tuple[str, bool]:
+        """The epoch of this portfolio's ledger state, adopting `fresh` when there is none yet; True when it
+        was created by this call (an empty ledger, or one that lost its state)."""
+        ...
 
     def advance_fence(self, portfolio_id: str, token: int) -> None:
         """Announce the lease holder's token; writes carrying an older one raise LeaseLostError from now."""

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -26,6 +26,7 @@ from rebalancer_cli.errors import InputError, LeaseLostError, StoreError
 from rebalancer_cli.ledger.base import (
     Halt,
     Lock,
+    SendCheck,
     amount_text,
     check_fence,
     check_name,
@@ -38,7 +39,18 @@ from rebalancer_cli.ledger.base import (
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 SINGLE_SCHEMES = ("redis", "rediss")
 
-_SCRIPTS = ("lock", "commit", "release", "sync", "set_memory", "advance_fence", "available", "locks")
+_SCRIPTS = (
+    "lock",
+    "commit",
+    "release",
+    "sync",
+    "set_memory",
+    "advance_fence",
+    "available",
+    "locks",
+    "begin_send",
+    "epoch",
+)
 _T = TypeVar("_T")
 
 
@@ -105,7 +117,7 @@ class RedisLedger:
 
     def key_names(self, portfolio_id: str) -> list[str]:
         """Every key this ledger may write for a portfolio (for cleanup and for operators' inspection)."""
-        return [self._key(portfolio_id, n) for n in ("hold", "locks", "done", "fence", "halt", "memory")]
+        return [self._key(portfolio_id, n) for n in ("hold", "locks", "done", "fence", "halt", "memory", "epoch")]
 
     def _run(self, portfolio_id: str, script: str, keys: list[str], args: list[str]) -> list[str]:
         with self._guard():
@@ -206,6 +218,20 @@ class RedisLedger:
         return self._call(lambda: self._client.zscore(done, key)) is not None
 
     # --- leases, kill switch, planner memory ------------------------------------------------------
+
+    def begin_send(self, portfolio_id: str, key: str, *, fence: int | None) -> tuple[SendCheck, str]:
+        check_name(key, "key")
+        keys = [self._key(portfolio_id, n) for n in ("fence", "halt", "locks")]
+        status, detail = self._run(portfolio_id, "begin_send", keys, [_fence_arg(fence), key])
+        if status not in ("ok", "halted", "unlocked"):
+            raise StoreError(f"Redis ledger answered {status!r} to begin_send")
+        return cast(SendCheck, status), detail
+
+    def epoch(self, portfolio_id: str, fresh: str) -> tuple[str, bool]:
+        check_name(fresh, "epoch")
+        with self._guard():
+            result = self._scripts["epoch"](keys=[self._key(portfolio_id, "epoch")], args=[fresh])
+        return str(result[0]), str(result[1]) == "new"
 
     def advance_fence(self, portfolio_id: str, token: int) -> None:
         """Raise LeaseLostError when a newer token was announced already: the caller's lease is stale."""

@@ -23,6 +23,7 @@ from rebalancer_cli.ledger.base import (
     EXACT,
     Halt,
     Lock,
+    SendCheck,
     amount_text,
     check_fence,
     check_name,
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS fences (portfolio_id TEXT PRIMARY KEY, token INTEGER 
 CREATE TABLE IF NOT EXISTS halts (
     portfolio_id TEXT PRIMARY KEY, reason TEXT NOT NULL, halted_by TEXT NOT NULL, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS memory (portfolio_id TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS epochs (portfolio_id TEXT PRIMARY KEY, epoch TEXT NOT NULL);
 """
 
 # How long a writer waits for another process's write lock before reporting the store as failed.
@@ -298,6 +300,36 @@ class SQLiteLedger:
         return row is not None
 
     # --- leases, kill switch, planner memory ------------------------------------------------------
+
+    def begin_send(self, portfolio_id: str, key: str, *, fence: int | None) -> tuple[SendCheck, str]:
+        check_portfolio(portfolio_id)
+        check_name(key, "key")
+
+        def run(conn: sqlite3.Connection) -> tuple[SendCheck, str]:
+            self._check_fence(conn, portfolio_id, fence)
+            halt = conn.execute("SELECT reason FROM halts WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
+            if halt is not None:
+                return "halted", str(halt[0])
+            live = conn.execute(
+                "SELECT 1 FROM locks WHERE portfolio_id = ? AND key = ? AND expires_at > ?",
+                (portfolio_id, key, time.time()),
+            ).fetchone()
+            return ("ok", "") if live else ("unlocked", "")
+
+        return self._tx(run, write=True)
+
+    def epoch(self, portfolio_id: str, fresh: str) -> tuple[str, bool]:
+        check_portfolio(portfolio_id)
+        check_name(fresh, "epoch")
+
+        def run(conn: sqlite3.Connection) -> tuple[str, bool]:
+            row = conn.execute("SELECT epoch FROM epochs WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
+            if row is not None:
+                return str(row[0]), False
+            conn.execute("INSERT INTO epochs (portfolio_id, epoch) VALUES (?, ?)", (portfolio_id, fresh))
+            return fresh, True
+
+        return self._tx(run, write=True)
 
     def advance_fence(self, portfolio_id: str, token: int) -> None:
         """Raise LeaseLostError when a newer token was announced already: the caller's lease is stale."""
