@@ -36,6 +36,16 @@ ConfigOpt = Annotated[
     Path, typer.Option("--config", "-c", help="Portfolio config (YAML).", dir_okay=True, show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable JSON on stdout.")]
+WaitOpt = Annotated[
+    float,
+    typer.Option(
+        "--wait",
+        min=0.0,
+        max=86400.0,
+        metavar="SECONDS",
+        help="When another writer holds the portfolio, wait up to this long for it (default: refuse, exit 6).",
+    ),
+]
 
 
 def _out() -> Console:
@@ -198,6 +208,7 @@ def execute_cmd(
         Path | None, typer.Option("--plan", help="Execute this saved plan (from `plan --json`) if still valid.")
     ] = None,
     as_json: JsonOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Execute the cost-adjusted plan through the shadow ledger, idempotency keys and the audit trail."""
     from .runtime import execute
@@ -213,7 +224,7 @@ def execute_cmd(
         raise typer.Exit(ExitCode.USAGE)
     listener, finish = _live_view(enabled=not as_json)
     try:
-        report = execute(config, saved_plan=plan_file, listener=listener)
+        report = execute(config, saved_plan=plan_file, listener=listener, wait=wait)
     finally:
         finish()
     if as_json:
@@ -402,11 +413,12 @@ def reconcile_cmd(
     config: ConfigOpt,
     repair: Annotated[bool, typer.Option("--repair", help="Align ledger and audit with the exchange.")] = False,
     as_json: JsonOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Compare exchange, shadow ledger and audit trail; exit 4 while they disagree (after --repair: 0)."""
     from .runtime import reconcile
 
-    report = reconcile(config, repair=repair)
+    report = reconcile(config, repair=repair, wait=wait)
     if as_json:
         _print_json(report.to_dict())
     else:

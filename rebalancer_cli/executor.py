@@ -47,6 +47,7 @@ from .snapshot import Market, Snapshot
 from .telemetry import span
 
 ZERO = Decimal(0)
+ONE = Decimal(1)
 LOCK_TTL_SECONDS = 600.0
 MAX_SENDS = 3
 # a saved plan's weights are written to 8 decimals; holdings that moved less than this have not changed
@@ -55,10 +56,10 @@ SAVED_PLAN_WEIGHT_TOLERANCE = Decimal("1e-6")
 Listener = Callable[["OrderOutcome"], None]
 
 
-def _then_failpoint(mark_sent: Callable[[], None]) -> Callable[[], None]:
+def _then_failpoint(mark_sent: Callable[[], None], quiesce: Callable[[], None]) -> Callable[[], None]:
     def before_send() -> None:
         mark_sent()
-        failpoints.hit("during_send")
+        failpoints.hit("during_send", quiesce=quiesce)
 
     return before_send
 
@@ -252,7 +253,8 @@ class Executor:
     def run(self, *, saved_plan: Plan | None = None, plan_only: bool = False) -> ExecutionReport:
         """Recover, snapshot, plan (or check a saved plan), execute, record. Raises HaltedError when halted."""
         self.check_halt()
-        recovered = self.recover()
+        # a dry run only plans: settling earlier runs' orders is a writer's job, under the lease
+        recovered = [] if plan_only else self.recover()
         state = PlannerState.from_json(self.ledger.get_memory(self.pid))
         with span("snapshot", portfolio=self.pid, exchange=self.exchange.id):
             snapshot = self.exchange.fetch_snapshot(self.config, state)
@@ -346,6 +348,37 @@ class Executor:
                 raise RefusedError(
                     f"holdings changed since the plan ({line.symbol} was {line.current_weight * 100:.4f}% of the "
                     f"portfolio, is {now_weight * 100:.4f}% at the plan's prices): plan again"
+                )
+        self._check_saved_trades(plan, snapshot)
+
+    def _check_saved_trades(self, plan: Plan, snapshot: Snapshot) -> None:
+        """Each saved trade against the fresh snapshot and the config's targets (never the file's): it must be
+        one of this portfolio's markets, go the way the fresh drift goes, and not trade past the target."""
+        targets = {a.symbol: a.target_weight for a in self.config.assets}
+        quote = self.config.quote_symbol
+        fresh = {
+            a: (snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO))
+            * (ONE if a == quote else snapshot.markets[f"{a}/{quote}"].mid)
+            for a in targets
+            if a == quote or f"{a}/{quote}" in snapshot.markets
+        }
+        total = sum(fresh.values(), ZERO)
+        for t in plan.trades:
+            if t.symbol not in targets or t.symbol == quote or t.market != f"{t.symbol}/{quote}":
+                raise RefusedError(f"the saved plan trades {t.market}, which is not one of this portfolio's markets")
+            market = snapshot.markets[t.market]
+            drift = targets[t.symbol] - fresh.get(t.symbol, ZERO) / total if total > 0 else ZERO
+            wanted = "buy" if drift > 0 else "sell"
+            if t.side != wanted:
+                raise RefusedError(
+                    f"the saved plan would {t.side} {t.symbol}, but it is {'under' if drift > 0 else 'over'}weight "
+                    f"by {abs(drift) * 100:.4f}%: plan again"
+                )
+            most = abs(drift) * total / market.mid * (1 + self.config.price_tolerance) + market.amount_step
+            if t.amount > most:
+                raise RefusedError(
+                    f"the saved plan would {t.side} {t.amount} {t.symbol}, more than the {most.normalize()} that "
+                    "would bring it back to target: plan again"
                 )
 
     def _sync_ledger(self, snapshot: Snapshot, report: ExecutionReport) -> None:
@@ -462,7 +495,7 @@ class Executor:
         # no audit write for the lock: the ledger holds it, and recovery treats a lock like an intent (never sent)
         outcome.status = "locked"
         self._emit(outcome)
-        failpoints.hit("after_lock")
+        failpoints.hit("after_lock", quiesce=self._quiesce)
 
         key = trade.idempotency_key
 
@@ -541,6 +574,12 @@ class Executor:
         self._emit(outcome)
         return True
 
+    def _quiesce(self) -> None:
+        """Let queued audit writes finish (failpoints only: a test freezing this process right here)."""
+        flush = getattr(self.audit, "flush", None)
+        if flush is not None:
+            flush()
+
     def _bound(self, market: Market, side: str, amount: Decimal) -> Decimal:
         """The worst acceptable price of an order of `amount`, from the fresh snapshot's book (never from a file)."""
         return worst_acceptable_price(
@@ -594,7 +633,12 @@ class Executor:
         for attempt in range(1, MAX_SENDS + 1):
             try:
                 return self.exchange.create_order(
-                    market, Side(side), amount, key, worst_price=worst_price, before_send=_then_failpoint(mark_sent)
+                    market,
+                    Side(side),
+                    amount,
+                    key,
+                    worst_price=worst_price,
+                    before_send=_then_failpoint(mark_sent, self._quiesce),
                 )
             except OrderAlreadyPlacedError as exc:
                 found = self._lookup(market, key, exc, settle=False)

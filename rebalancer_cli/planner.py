@@ -241,8 +241,9 @@ class Plan:
         return bool(self.trades)
 
     def to_dict(self) -> dict[str, Any]:
-        """The Plan object of DESIGN.md; decimals as strings so nothing is rounded by a JSON reader."""
-        return {
+        """The Plan object; decimals as strings so nothing is rounded by a JSON reader. `digest` lets
+        `execute --plan` refuse a file edited after it was saved (plan_file.py)."""
+        doc: dict[str, Any] = {
             "portfolio_id": self.portfolio_id,
             "quote": self.quote,
             "taken_at": _iso(self.taken_at),
@@ -287,6 +288,10 @@ class Plan:
             "policy": self.policy,
             "notes": list(self.notes),
         }
+        from .plan_file import plan_digest  # the saved-plan format's integrity check
+
+        doc["digest"] = plan_digest(doc)
+        return doc
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:

@@ -155,6 +155,8 @@ def execute(
         try:
             exchange = open_exchange(config)
             try:
+                if plan_only:  # a dry run writes nothing, so it needs no lease and never waits for one
+                    return Executor(config, exchange, ledger, audit).run(saved_plan=plan_obj, plan_only=True)
                 stop = threading.Event()
                 with writer.hold(config, ledger, "execute", wait=wait, on_lost=stop.set) as token:
                     killswitch.verify(ledger, audit, config.portfolio_id)
@@ -169,19 +171,9 @@ def execute(
 
 
 def load_saved_plan(path: Path) -> Plan:
-    import json
+    from .plan_file import load_saved_plan as load
 
-    from .errors import InputError
-    from .yamlfile import read_text
-
-    text = read_text(path, kind="plan", max_bytes=10_000_000)
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise InputError(f"{path}: not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: a saved plan is a JSON object, as printed by `rebalance plan --json`")
-    return Plan.from_dict(data)
+    return load(path)
 
 
 def halt(config_path: Path, reason: str, by: str | None = None) -> Halt:

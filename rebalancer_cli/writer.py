@@ -29,7 +29,21 @@ from .ledger.base import ShadowLedger
 # Long enough that a renewal every TTL/3 survives a few seconds of stall; short enough that a killed run's
 # portfolio is free again within half a minute.
 WRITER_TTL_SECONDS = 30.0
+TTL_ENV = "REBALANCE_WRITER_LEASE_TTL"  # seconds; for tests and for operators who want a faster takeover
 POLL_SECONDS = 0.2
+
+
+def writer_ttl() -> float:
+    from .errors import InputError
+
+    text = os.environ.get(TTL_ENV, "")
+    try:
+        value = float(text) if text else WRITER_TTL_SECONDS
+    except ValueError:
+        raise InputError(f"{TTL_ENV} must be a number of seconds, got {text!r}") from None
+    if not 1 <= value <= 3600:
+        raise InputError(f"{TTL_ENV} must be between 1 and 3600 seconds, got {text!r}")
+    return value
 
 
 def _pid_namespace() -> str:
@@ -107,13 +121,14 @@ def hold(
     *,
     wait: float = 0.0,
     on_lost: Callable[[], None] = lambda: None,
-    ttl: float = WRITER_TTL_SECONDS,
+    ttl: float | None = None,
     store: LeaseStore | None = None,
 ) -> Iterator[int]:
     """Hold the portfolio's lease for the block; yields the fencing token to write and send with.
 
     Raises PortfolioBusyError (exit 6) naming the holder when another writer keeps it longer than `wait`."""
     pid = config.portfolio_id
+    ttl = ttl or writer_ttl()
     leases = store or open_leases(config.redis_url, config.resolved_state_dir())
     holder = holder_name(kind)
     started = time.monotonic()

@@ -4,17 +4,18 @@ side."""
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from rebalancer_cli.testing.emulator import DEFAULT_API_KEY, DEFAULT_SECRET
+from rebalancer_cli.testing.emulator import DEFAULT_API_KEY, DEFAULT_SECRET, RemoteEmulator
 
 D = Decimal
 ASSETS = ("BTC", "ETH", "USDC")
@@ -96,6 +97,26 @@ def emulator_exchange(url: str, **extra: Any) -> dict[str, Any]:
         "options": {"recvWindow": 1000},
         **extra,
     }
+
+
+@contextlib.contextmanager
+def remote_emulator(directory: Path) -> Iterator[RemoteEmulator]:
+    """The Binance emulator in its own process (as the crash and concurrency tests need: they kill or freeze
+    the tool's processes, never the exchange's), on the opening balances."""
+    snapshot = write_snapshot(directory / "market.yaml")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rebalancer_cli.testing.emulator", "--snapshot", str(snapshot), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        yield RemoteEmulator(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def stores(backend: str, redis_url: str | None = None, database_url: str | None = None) -> dict[str, str]:

@@ -44,6 +44,7 @@ from rebalancer_cli.config import load_config
 from rebalancer_cli.exchange.paper import PaperExchange
 from rebalancer_cli.executor import ExecutionReport, Executor, OrderOutcome
 from rebalancer_cli.ids import new_key
+from rebalancer_cli.plan_file import plan_digest
 from rebalancer_cli.runtime import (
     execute,
     make_plan,
@@ -173,6 +174,7 @@ def test_a_fresh_saved_plan_executes_once_and_never_twice(paper: Path, tmp_path:
 def test_a_saved_plan_older_than_max_plan_age_is_refused(paper: Path, tmp_path: Path, rebalance: Cli) -> None:
     plan_file, plan = _save_plan(rebalance, paper, tmp_path)
     plan["taken_at"] = (datetime.now(UTC) - timedelta(seconds=120)).isoformat()
+    plan["digest"] = plan_digest(plan)  # an old plan, not an edited one
     plan_file.write_text(json.dumps(plan))
     result = rebalance("execute", "--config", str(paper), "--plan", str(plan_file), "--confirm")
     assert result.returncode == 5

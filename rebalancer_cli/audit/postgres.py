@@ -11,10 +11,14 @@ order exist? was the fill new?) are folded into the statement with CTEs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import re
+import socket
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
@@ -56,6 +60,12 @@ from rebalancer_cli.errors import InputError, StoreError
 _log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
+# The longest one use of a connection may take (a statement, a transaction) before the watchdog cuts its
+# socket: libpq has no read timeout, and a server that stopped answering (a black-holed host, a stopped VM)
+# would otherwise hold a run forever, an order already filled. Overridable for tests and slow links.
+DEFAULT_DEADLINE = 10.0
+MIGRATE_DEADLINE = 120.0
+DEADLINE_ENV = "REBALANCE_STORE_TIMEOUT"
 DEFAULT_MAX_CONNECTIONS = 4
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -113,6 +123,64 @@ def _one_line(text: str, secret: str | None) -> str:
     return line
 
 
+def store_deadline() -> float:
+    """Seconds a store call may take: $REBALANCE_STORE_TIMEOUT, else DEFAULT_DEADLINE."""
+    try:
+        value = float(os.environ.get(DEADLINE_ENV, "") or DEFAULT_DEADLINE)
+    except ValueError:
+        raise InputError(f"{DEADLINE_ENV} must be a number of seconds") from None
+    if not 0 < value <= 3600:
+        raise InputError(f"{DEADLINE_ENV} must be between 0 and 3600 seconds")
+    return value
+
+
+class _Watchdog:
+    """One thread per store that cuts the socket of a connection held past its deadline.
+
+    Shutting the socket down makes the blocked libpq read return at once with an error, which psycopg raises
+    and the pool discards the connection: the caller gets a StoreError instead of waiting forever."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watched: dict[int, tuple[float, Any]] = {}
+        self._wake = threading.Event()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: Any, seconds: float) -> int:
+        token = id(conn)
+        with self._lock:
+            self._watched[token] = (time.monotonic() + seconds, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="audit-watchdog", daemon=True)
+                self._thread.start()
+        return token
+
+    def unwatch(self, token: int) -> None:
+        with self._lock:
+            self._watched.pop(token, None)
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(0.25)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for deadline, c in self._watched.values() if deadline <= now]
+            for conn in late:
+                with contextlib.suppress(Exception):
+                    fd = conn.pgconn.socket
+                    # a duplicate of the descriptor: closing it leaves libpq's own descriptor to libpq
+                    sock = socket.socket(fileno=os.dup(fd))
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        sock.close()
+
+
 class PostgresAuditStore:
     """AuditStore in PostgreSQL through a small connection pool; thread-safe.
 
@@ -143,6 +211,8 @@ class PostgresAuditStore:
             self._where += f" (schema {schema})"
         self._partitions_day: date | None = None
         self._partitions_lock = threading.Lock()
+        self._deadline = store_deadline()
+        self._watchdog = _Watchdog()
 
         kwargs: dict[str, Any] = {"autocommit": True}
         if "connect_timeout" not in params:
@@ -210,10 +280,14 @@ class PostgresAuditStore:
         return StoreError(f"audit store {self._where} {what}: {_one_line(str(exc), self._secret)}")
 
     @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[TupleRow]]:
+    def _conn(self, deadline: float | None = None) -> Iterator[psycopg.Connection[TupleRow]]:
         try:
             with self._pool.connection() as conn:
-                yield conn
+                token = self._watchdog.watch(conn, deadline or self._deadline)
+                try:
+                    yield conn
+                finally:
+                    self._watchdog.unwatch(token)
         except (PoolTimeout, PoolClosed) as exc:
             raise self._failure("unavailable", exc) from None
         except psycopg.Error as exc:
@@ -255,7 +329,7 @@ class PostgresAuditStore:
 
     def migrate(self) -> list[str]:
         applied: list[str] = []
-        with self._conn() as conn, conn.transaction():
+        with self._conn(MIGRATE_DEADLINE) as conn, conn.transaction():
             conn.execute(_LOCK, (self._schema,))
             if self._schema:
                 conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self._schema)))
@@ -564,4 +638,5 @@ class PostgresAuditStore:
             conn.execute("SELECT 1").fetchone()
 
     def close(self) -> None:
+        self._watchdog.close()
         self._pool.close(timeout=5)

@@ -156,6 +156,14 @@ class CcxtExchange:
         client.enableRateLimit = True
         client.throttle = self._throttle
         self._hooks = threading.local()  # clients are shared by the daemon's worker threads
+        # An order's request is signed with the time taken right before the executor's last checks (SENT made
+        # durable, then the fence): however long this process then stalls (a GC pause, SIGSTOP), the exchange
+        # refuses the request once its validity window has passed, so a successor that waited out the settle
+        # window after the SENT mark can never be overtaken by it. ccxt reads time only through these three.
+        self._frozen = threading.local()
+        client.milliseconds = lambda: self._now_ns() // 1_000_000
+        client.seconds = lambda: self._now_ns() // 1_000_000_000
+        client.microseconds = lambda: self._now_ns() // 1_000
         # ccxt parses book levels with safe_float even with number=str; keep them exact, as Decimals
         # (ccxt only sorts them, which Decimals do correctly)
         client.parse_order_book_bid_ask = self._bid_ask
@@ -529,12 +537,19 @@ class CcxtExchange:
             raise ExchangeError(f"{self.id} sent a crossed {symbol} book: bid {bids[0][0]} >= ask {asks[0][0]}")
         return bids, asks
 
+    def _now_ns(self) -> int:
+        frozen: int | None = getattr(self._frozen, "ns", None)
+        return frozen if frozen is not None else time.time_ns()
+
     def _throttle(self, cost: Any = None) -> None:
-        """ccxt calls this right before each request: pace it, then run the caller's pre-send hook, if any."""
+        """ccxt calls this right before each request: pace it, then run the caller's pre-send hook, if any.
+
+        With a hook (an order), the clock the request is signed with stops here, before the hook runs."""
         self.limiter.acquire(float(cost) if cost else 1.0)
         hook = getattr(self._hooks, "before_send", None)
         if hook is not None:
             self._hooks.before_send = None
+            self._frozen.ns = time.time_ns()
             hook()
 
     def create_order(
@@ -567,6 +582,7 @@ class CcxtExchange:
             )
         finally:
             self._hooks.before_send = None
+            self._frozen.ns = None
         return self._order(raw, client_order_id, market)
 
     def fetch_order(self, market: str, client_order_id: str) -> OrderResult | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,7 +105,10 @@ create table if not exists orders (
 class PaperExchange:
     id = "paper"
     protection: Protection = "ioc_limit"
-    settle_window = 0.0  # orders are local transactions: never in flight after a crash
+    # Like a real exchange, the paper exchange refuses a request older than its validity window (counted from
+    # before the executor's last checks): a writer frozen after them can never trade behind its successor.
+    request_window = 1.0
+    settle_window = request_window + 1.0
 
     def __init__(self, snapshot_path: Path, state_dir: Path, account: str, *, now: datetime | None = None) -> None:
         self._book = load_snapshot(snapshot_path)
@@ -196,9 +200,14 @@ class PaperExchange:
             raise InvalidOrderError(f"side must be buy or sell, not {side}")
         if amount <= 0 or amount % m.amount_step != 0:
             raise InvalidOrderError(f"{market}: amount {amount} is not a positive multiple of the lot {m.amount_step}")
+        signed_at = time.time()
         if before_send is not None:
             before_send()
         with self._tx() as db:
+            if time.time() - signed_at > self.request_window:
+                raise InvalidOrderError(
+                    f"paper exchange: request older than its {self.request_window:.0f}s validity window, refused"
+                )
             if db.execute(
                 "select 1 from orders where account=? and client_order_id=?", (self._account, client_order_id)
             ).fetchone():
