@@ -4,7 +4,8 @@
 tests exercise real process death (no cleanup, no finally blocks) at each step of the execution path.
 `during_send:MS` kills the process MS milliseconds after an order starts being sent: with a slow exchange it
 dies while the answer is still on its way. `after_lock:stop` freezes the process there (SIGSTOP) instead, as a
-GC pause or a stopped VM would: the test thaws it with SIGCONT once another writer took over. Unset in production; checking it costs one dict lookup.
+GC pause or a stopped VM would: the test thaws it with SIGCONT once another writer took over.
+Unset in production; checking it costs one dict lookup.
 """
 
 from __future__ import annotations
