@@ -120,12 +120,16 @@ def load_saved_plan(path: Path) -> Plan:
     doc = yamlfile.loads(text, file=str(path), kind="plan")
     model = yamlfile.validate(SavedPlan, doc)
     seen: set[str] = set()
+    markets: set[str] = set()
     for i, t in enumerate(model.trades):
         if t.idempotency_key in seen:
             raise InvalidFileError(
                 [doc.problem(("trades", i, "idempotency_key"), f"key {t.idempotency_key} appears twice")]
             )
+        if t.market in markets:  # a plan trades each market once: a copied trade would trade it twice
+            raise InvalidFileError([doc.problem(("trades", i, "market"), f"{t.market} is traded twice")])
         seen.add(t.idempotency_key)
+        markets.add(t.market)
     if model.digest is None:
         raise InputError(f"{path}: the saved plan has no digest (saved by an older version?): plan again")
     if plan_digest(raw) != model.digest:

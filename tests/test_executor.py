@@ -9,6 +9,7 @@ agreeing to the last digit, and no idempotency key ever trading twice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import threading
@@ -37,14 +38,17 @@ from exec_helpers import (
     write_config,
     write_snapshot,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rebalancer_cli.audit.base import OrderIntent, OrderStatus
 from rebalancer_cli.cli import main
 from rebalancer_cli.config import load_config
+from rebalancer_cli.errors import InputError
 from rebalancer_cli.exchange.paper import PaperExchange
 from rebalancer_cli.executor import ExecutionReport, Executor, OrderOutcome
 from rebalancer_cli.ids import new_key
-from rebalancer_cli.plan_file import plan_digest
+from rebalancer_cli.plan_file import load_saved_plan, plan_digest
 from rebalancer_cli.runtime import (
     execute,
     make_plan,
@@ -604,3 +608,176 @@ def test_an_open_circuit_ends_the_cycle_with_exit_4_and_the_next_run_completes(
     assert [(o.key, o.status) for o in after.recovered] == [(sell.key, "cancelled")]  # it never reached the book
     assert after.status == "done"
     check_consistent(config, emu, after)
+
+
+# --- saved plans are re-checked, not trusted --------------------------------------------------------
+
+
+def _resave(path: Path, plan: dict[str, Any]) -> None:
+    """Write an edited plan with its digest recomputed, as someone who knows the format could: what stops it
+    then must be the checks against the fresh snapshot, not the checksum."""
+    plan["digest"] = plan_digest(plan)
+    path.write_text(json.dumps(plan))
+
+
+def _sell(plan: dict[str, Any]) -> dict[str, Any]:
+    trade: dict[str, Any] = next(t for t in plan["trades"] if t["side"] == "sell")
+    return trade
+
+
+def test_a_saved_plan_edited_by_hand_is_refused_and_nothing_trades(paper: Path, tmp_path: Path, rebalance: Cli) -> None:
+    plan_file, plan = _save_plan(rebalance, paper, tmp_path)
+    _sell(plan)["amount"] = str(D(_sell(plan)["amount"]) * 3)
+    plan_file.write_text(json.dumps(plan))  # digest left as it was
+    result = rebalance("execute", "--config", str(paper), "--plan", str(plan_file), "--confirm")
+    assert result.returncode == 2 and "edited after it was saved" in result.stderr
+    assert paper_balances(paper) == OPENING
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        (lambda p: _sell(p).update(amount=str(D(_sell(p)["amount"]) * 3)), "bring it back to target"),
+        (lambda p: _sell(p).update(side="buy"), "but it is overweight"),
+        (lambda p: _sell(p).update(market="DOGE/USDC", symbol="DOGE"), "not one of this portfolio's markets"),
+    ],
+    ids=["tripled-amount", "flipped-side", "foreign-market"],
+)
+def test_a_forged_saved_plan_is_refused_on_the_fresh_snapshot(
+    paper: Path, tmp_path: Path, rebalance: Cli, edit: Callable[[dict[str, Any]], None], why: str
+) -> None:
+    plan_file, plan = _save_plan(rebalance, paper, tmp_path)
+    edit(plan)
+    _resave(plan_file, plan)
+    result = rebalance("execute", "--config", str(paper), "--plan", str(plan_file), "--confirm")
+    assert result.returncode == 5, result.stderr
+    assert why in result.stderr
+    assert paper_balances(paper) == OPENING
+
+
+def test_a_tripled_amount_meets_max_trade_notional_priced_on_the_book_not_the_file(
+    tmp_path: Path, unique_id: str, rebalance: Cli
+) -> None:
+    write_snapshot(tmp_path / "market.yaml")
+    config = write_config(tmp_path, unique_id, {"id": "paper", "snapshot": "market.yaml"}, max_trade_notional=20000)
+    plan_file, plan = _save_plan(rebalance, config, tmp_path)
+    sell = _sell(plan)
+    assert D(sell["notional"]) < 20000 < D(sell["notional"]) * 3
+    sell["amount"] = str(D(sell["amount"]) * 3)  # its notional left alone, as in the reported forgery
+    _resave(plan_file, plan)
+    result = rebalance("execute", "--config", str(config), "--plan", str(plan_file), "--confirm", "--json")
+    assert result.returncode == 5, result.stderr
+    assert paper_balances(config) == OPENING
+
+
+@pytest.mark.parametrize(
+    ("edit", "where"),
+    [
+        (lambda p: p["trades"].append(dict(p["trades"][0])), "appears twice"),
+        (lambda p: p["trades"].append({**p["trades"][0], "idempotency_key": str(new_key())}), "traded twice"),
+        (lambda p: p["trades"][0].update(amount="NaN"), "trades[0].amount"),
+        (lambda p: p["trades"][0].update(amount="sNaN"), "trades[0].amount"),
+        (lambda p: p["trades"][0].update(amount="-0"), "trades[0].amount"),
+        (lambda p: p["assets"][0].update(mid="NaN"), "assets[0].mid"),
+        (lambda p: p["assets"][0].update(current_weight="9e999999999"), "assets[0].current_weight"),
+        (lambda p: p["trades"][0].update(side="sideways"), "trades[0].side"),
+    ],
+    ids=["same-key", "copied-under-new-key", "nan", "snan", "minus-zero", "nan-mid", "huge-weight", "bad-side"],
+)
+def test_a_malformed_saved_plan_gets_one_located_line_and_exit_2(
+    paper: Path, tmp_path: Path, rebalance: Cli, edit: Callable[[dict[str, Any]], None], where: str
+) -> None:
+    plan_file, plan = _save_plan(rebalance, paper, tmp_path)
+    edit(plan)
+    _resave(plan_file, plan)
+    result = rebalance("execute", "--config", str(paper), "--plan", str(plan_file), "--confirm")
+    assert result.returncode == 2, result.stderr
+    assert where in result.stderr and "Traceback" not in result.stderr
+    assert paper_balances(paper) == OPENING
+
+
+def test_a_deeply_nested_saved_plan_is_refused_in_one_line(paper: Path, tmp_path: Path, rebalance: Cli) -> None:
+    plan_file = tmp_path / "deep.json"
+    plan_file.write_text("[" * 100_000 + "]" * 100_000)
+    result = rebalance("execute", "--config", str(paper), "--plan", str(plan_file), "--confirm")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_saved_plans_never_crash_the_loader(tmp_path: Path, data: st.DataObject) -> None:
+    """Any mutation of a real saved plan is either still a valid plan or refused as bad input (exit 2)."""
+    plan = json.loads(_FUZZ_BASE)
+    junk = st.one_of(
+        st.text(max_size=12),
+        st.sampled_from(["NaN", "-0", "sNaN", "Infinity", "9e999999999", "1e-999999", "0", "-1", "1" * 5001]),
+        st.integers(),
+        st.none(),
+        st.booleans(),
+        st.lists(st.integers(), max_size=3),
+    )
+    for _ in range(data.draw(st.integers(1, 3))):
+        # walk down to a random dict or list of the plan, then replace or delete one of its members
+        node: Any = plan
+        while True:
+            keys = sorted(node) if isinstance(node, dict) else list(range(len(node)))
+            if not keys:
+                break
+            key = data.draw(st.sampled_from(keys))
+            child = node[key]
+            if isinstance(child, dict | list) and child and data.draw(st.booleans()):
+                node = child
+                continue
+            if data.draw(st.booleans()):
+                node[key] = data.draw(junk)
+            else:
+                del node[key]
+            break
+    if data.draw(st.booleans()):
+        plan["digest"] = plan_digest(plan)
+    path = tmp_path / "fuzzed.json"
+    path.write_text(json.dumps(plan))
+    with contextlib.suppress(InputError):
+        load_saved_plan(path)
+
+
+_FUZZ_BASE = json.dumps(
+    {
+        "portfolio_id": "p",
+        "quote": "USDC",
+        "taken_at": "2026-11-27T10:00:00Z",
+        "total_value": "100000",
+        "assets": [
+            {
+                "symbol": "BTC",
+                "target_weight": "0.4",
+                "current_weight": "0.5",
+                "drift": "-0.1",
+                "threshold": "0.001",
+                "drift_value": "4000",
+                "est_cost": "10",
+                "decision": "trade",
+                "reason": "r",
+                "mid": "65000",
+            }
+        ],
+        "trades": [
+            {
+                "symbol": "BTC",
+                "market": "BTC/USDC",
+                "side": "sell",
+                "amount": "0.15",
+                "est_price": "64990",
+                "notional": "9748.5",
+                "est_fee": "9.7",
+                "est_slippage": "1.5",
+                "worst_price": "64665",
+                "idempotency_key": "01a23784-cd0e-7f5e-9a11-8c644c2cfb53",
+            }
+        ],
+        "summary": {"turnover": "9748.5", "est_total_cost": "11.2", "drift_before": "0.2", "drift_after": "0"},
+        "plan_id": "01a23784-cd0e-7f5e-9a11-8c644c2cfb54",
+        "policy": "cost-adjusted",
+        "notes": [],
+    }
+)
