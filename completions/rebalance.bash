@@ -14,21 +14,23 @@ _rebalance() {
 }
 _rebalance_words() {
   case "$1" in
-    "") subs="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config"; words="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config --help -h"; fileopts="" ;;
-    "backtest") subs="generate"; words="generate --config -c --prices --policy -p --compare --json --chart --spread-bps --depth --levels --fee --initial-value --calendar-period --help -h"; fileopts="--config -c --prices --chart" ;;
-    "backtest generate") subs=""; words="--output -o --regime --steps --step --seed --asset --help -h"; fileopts="--output -o" ;;
-    "config-schema") subs=""; words="--help -h"; fileopts="" ;;
-    "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --processes --otlp-endpoint --help -h"; fileopts="--config -c" ;;
+    "") subs="backtest config-schema daemon db execute halt history init plan reconcile resume snapshot snapshot-schema validate-config"; words="backtest config-schema daemon db execute halt history init plan reconcile resume snapshot snapshot-schema validate-config --version --verbose -v --quiet -q --help -h"; fileopts="" ;;
+    "backtest") subs="generate"; words="generate --config -c --prices --policy -p --compare --json --chart --spread-bps --depth --levels --fee --initial-value --calendar-period --verbose -v --quiet -q --help -h"; fileopts="--config -c --prices --chart" ;;
+    "backtest generate") subs=""; words="--output -o --regime --steps --step --seed --asset --json --verbose -v --quiet -q --help -h"; fileopts="--output -o" ;;
+    "config-schema") subs=""; words="--output -o --verbose -v --quiet -q --help -h"; fileopts="--output -o" ;;
+    "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --processes --otlp-endpoint --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
     "db") subs="migrate"; words="migrate --help -h"; fileopts="" ;;
-    "db migrate") subs=""; words="--config -c --database-url --help -h"; fileopts="--config -c" ;;
-    "execute") subs=""; words="--config -c --confirm --plan --json --help -h"; fileopts="--config -c --plan" ;;
-    "halt") subs=""; words="--config -c --reason --help -h"; fileopts="--config -c" ;;
-    "history") subs=""; words="--config -c --limit --json --help -h"; fileopts="--config -c" ;;
-    "plan") subs=""; words="--config -c --snapshot --json --detailed-exitcode --help -h"; fileopts="--config -c --snapshot" ;;
-    "reconcile") subs=""; words="--config -c --repair --json --help -h"; fileopts="--config -c" ;;
-    "resume") subs=""; words="--config -c --help -h"; fileopts="--config -c" ;;
-    "snapshot") subs=""; words="--config -c --output -o --help -h"; fileopts="--config -c --output -o" ;;
-    "validate-config") subs=""; words="--json --help -h"; fileopts="" ;;
+    "db migrate") subs=""; words="--config -c --database-url --json --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
+    "execute") subs=""; words="--config -c --confirm --dry-run --plan --detailed-exitcode --json --verbose -v --quiet -q --help -h"; fileopts="--config -c --plan" ;;
+    "halt") subs=""; words="--config -c --reason --force --json --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
+    "history") subs=""; words="--config -c --limit --json --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
+    "init") subs=""; words="--config -c --force --json --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
+    "plan") subs=""; words="--config -c --snapshot --json --output -o --detailed-exitcode --verbose -v --quiet -q --help -h"; fileopts="--config -c --snapshot --output -o" ;;
+    "reconcile") subs=""; words="--config -c --repair --json --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
+    "resume") subs=""; words="--config -c --json --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
+    "snapshot") subs=""; words="--config -c --output -o --json --verbose -v --quiet -q --help -h"; fileopts="--config -c --output -o" ;;
+    "snapshot-schema") subs=""; words="--output -o --verbose -v --quiet -q --help -h"; fileopts="--output -o" ;;
+    "validate-config") subs=""; words="--config -c --json --verbose -v --quiet -q --help -h"; fileopts="--config -c" ;;
     *) subs=""; words=""; fileopts="" ;;
   esac
 }

@@ -20,6 +20,8 @@ class ExitCode:
     INCOMPLETE = 4
     REFUSED = 5
     PLAN_HAS_TRADES = 10
+    INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2, as shells report it
+    TERMINATED = 143  # SIGTERM, 128 + 15
 
 
 class RebalanceError(Exception):
