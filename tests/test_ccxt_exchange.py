@@ -591,6 +591,8 @@ def test_no_command_ever_shows_or_writes_the_credentials(tmp_path: Path) -> None
         runs: dict[str, list[object]] = {
             "validate-config": ["validate-config", cfg],
             "config-schema": ["config-schema"],
+            "snapshot-schema": ["snapshot-schema"],
+            "init": ["init", "--config", tmp_path / "init.yaml"],
             "plan": ["plan", "--config", cfg],
             "plan --json": ["plan", "--config", cfg, "--json", "--detailed-exitcode"],
             "snapshot": ["snapshot", "--config", cfg, "-o", snap],
