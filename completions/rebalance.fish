@@ -13,7 +13,7 @@ complete -c rebalance -n '__fish_use_subcommand' -a reconcile -d 'Compare exchan
 complete -c rebalance -n '__fish_use_subcommand' -a resume -d 'Lift the kill switch (recorded in `history`).'
 complete -c rebalance -n '__fish_use_subcommand' -a snapshot -d 'Save balances, fees, volatility and every markets full book, for `plan --snapshot` to replay.'
 complete -c rebalance -n '__fish_use_subcommand' -a snapshot-schema -d 'Print the JSON Schema of a snapshot file (the paper exchanges account, `plan --snapshot`).'
-complete -c rebalance -n '__fish_use_subcommand' -a validate-config -d 'Check a config as `plan` would before its first request - the schema, the exchange id, the credentials'
+complete -c rebalance -n '__fish_use_subcommand' -a validate-config -d 'Check a config as `plan` would before its first request; list every problem with its line, exit 2.'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l config -s c -r -F -d 'Portfolio config (YAML); required.'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l prices -r -F -d 'Prices CSV - timestamp or date, then one close per asset; required.'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l policy -s p -d 'Policy to replay; repeatable (default - config, the configs own) - config, calendar, band, band-edge, tolerance-band, cost-adjusted, cost-adjusted+hysteresis+cooldown, cost-adjusted-edge, cost-adjusted-edge-half.'

@@ -66,7 +66,13 @@ def _set_quiet(value: bool) -> bool:
 VerboseOpt = Annotated[
     int,
     typer.Option(
-        "--verbose", "-v", count=True, callback=_set_verbose, metavar="", help="Log to stderr: -v info, -vv debug."
+        "--verbose",
+        "-v",
+        count=True,
+        callback=_set_verbose,
+        metavar="",
+        show_default=False,
+        help="Log to stderr: -v info, -vv debug.",
     ),
 ]
 QuietOpt = Annotated[
@@ -202,8 +208,10 @@ def validate_config(
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Check a config as `plan` would before its first request: the schema, the exchange id, the credentials
-    it needs, the files it names; list every problem with its line, exit 2 if any."""
+    """Check a config as `plan` would before its first request; list every problem with its line, exit 2.
+
+    Checked: the schema, the exchange id (known to ccxt), the credentials that exchange needs named in
+    credentials_env, the files the config names."""
     from .config import check_config
     from .errors import InputError
 
@@ -1061,10 +1069,31 @@ def _ascii_safe() -> None:
                 stream.reconfigure(errors="replace")
 
 
+def _command() -> Any:
+    """The click command of the app, with `--help` shown as a plain flag (typer would show `<bool>`)."""
+    root = typer.main.get_command(app)
+
+    def plain_help(cmd: Any) -> None:
+        original = cmd.get_help_option
+
+        def get_help_option(ctx: Any) -> Any:
+            option = original(ctx)
+            if option is not None:
+                option.metavar = ""
+            return option
+
+        cmd.get_help_option = get_help_option
+        for sub in (getattr(cmd, "commands", None) or {}).values():
+            plain_help(sub)
+
+    plain_help(root)
+    return root
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     _ascii_safe()
     try:
-        code = app(args=argv, prog_name="rebalance", standalone_mode=False)
+        code = _command()(args=argv, prog_name="rebalance", standalone_mode=False)
     except typer.Exit as exc:
         _exit(exc.exit_code)
     except typer.Abort:

@@ -246,3 +246,103 @@ def test_interrupted_execute_names_the_order_in_flight_and_the_next_run_settles_
     settled = subprocess.run([*argv, "--json"], capture_output=True, text=True, env=env, timeout=60)
     report = json.loads(settled.stdout)
     assert match.group(1) in {o["idempotency_key"] for o in report["recovered"]}, settled.stdout
+
+
+# --- the kill switch, init, and the smaller items ---------------------------------------------------------
+
+
+def test_a_second_halt_keeps_the_first_reason_and_plan_and_history_show_the_kill_switch(
+    run_at: Any, paper_config: Path
+) -> None:
+    cfg = str(paper_config)
+    code, out, _ = run_at(80, "halt", "-c", cfg, "--reason", "exchange incident", "--json")
+    assert code == 0 and json.loads(out)["halted"]["reason"] == "exchange incident"
+    code, _, err = run_at(80, "halt", "-c", cfg, "--reason", "something else")
+    assert code == 5 and "already halted" in err and "exchange incident" in err and "--force" in err
+    code, out, _ = run_at(80, "plan", "-c", cfg, "--json")
+    assert json.loads(out)["halted"]["reason"] == "exchange incident"
+    code, out, _ = run_at(80, "plan", "-c", cfg)
+    assert "HALTED" in out and "exchange incident" in out
+    code, out, _ = run_at(80, "halt", "-c", cfg, "--reason", "maintenance", "--force", "--json")
+    assert (code, json.loads(out)["replaced"]["reason"]) == (0, "exchange incident")
+    code, out, _ = run_at(80, "resume", "-c", cfg, "--json")
+    assert json.loads(out)["resumed"] is True
+    code, out, _ = run_at(80, "plan", "-c", cfg, "--json")
+    assert json.loads(out)["halted"] is None
+    code, out, _ = run_at(80, "history", "-c", cfg, "--json")
+    assert [(e["kind"], e["reason"]) for e in json.loads(out)] == [
+        ("resume", "maintenance"),
+        ("halt", "maintenance"),
+        ("halt", "exchange incident"),
+    ]
+    code, out, _ = run_at(80, "history", "-c", cfg)
+    _whole(out, 80, "halt", "resume")
+
+
+def test_init_writes_a_config_and_snapshot_that_plan_runs_at_once(run_at: Any, tmp_path: Path) -> None:
+    cfg = tmp_path / "new" / "portfolio.yaml"
+    code, out, err = run_at(80, "init", "-c", str(cfg))
+    assert code == 0, err
+    assert cfg.read_text().startswith("# A portfolio for `rebalance`")
+    assert run_at(80, "validate-config", str(cfg))[0] == 0
+    code, out, err = run_at(80, "plan", "-c", str(cfg), "--json")
+    assert code == 0 and json.loads(out)["trades"], err
+    code, _, err = run_at(80, "init", "-c", str(cfg))
+    assert code == 2 and "--force" in err  # never overwrites silently
+
+
+def test_version_json_everywhere_and_atomic_output(run_at: Any, tmp_path: Path, paper_config: Path) -> None:
+    code, out, _ = run_at(80, "--version")
+    assert code == 0 and re.fullmatch(r"rebalance \d+\.\d+\.\d+\S*\n", out)
+    prices = tmp_path / "p.csv"
+    code, out, _ = run_at(80, "backtest", "generate", "--steps", "10", "-o", str(prices), "--json")
+    assert json.loads(out)["rows"] == 10
+    code, out, _ = run_at(80, "db", "migrate", "-c", str(paper_config), "--json")
+    assert isinstance(json.loads(out)["applied"], list)
+    code, out, _ = run_at(80, "snapshot", "-c", str(paper_config), "-o", str(tmp_path / "s.yaml"), "--json")
+    assert json.loads(out)["markets"] == 2
+    schema = tmp_path / "schema.json"
+    code, out, _ = run_at(80, "config-schema", "-o", str(schema))
+    assert code == 0 and out == "" and json.loads(schema.read_text())["title"] == "rebalance portfolio config"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    code, out, _ = run_at(80, "plan", "-c", str(paper_config), "-q")
+    assert (code, out) == (0, "")
+
+
+def test_help_shows_no_python_types_and_backtest_help_lists_the_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    from rebalancer_cli import backtest, cli
+
+    assert cli.POLICY_NAMES == backtest.POLICY_NAMES
+    for path in (["plan"], ["daemon"], ["execute"], ["backtest"]):
+        with pytest.raises(SystemExit):
+            main([*path, "--help"])
+        out = capsys.readouterr().out
+        assert "<bool>" not in out and "list[" not in out, out
+        if path == ["backtest"]:
+            assert all(name in " ".join(out.split()) for name in backtest.POLICY_NAMES), out
+
+
+def test_chart_without_matplotlib_says_the_local_install_before_running(
+    run_at: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    from rebalancer_cli import backtest
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(backtest, "backtest_files", lambda *a, **k: pytest.fail("the backtest ran first"))
+    args = ("backtest", "-c", "examples/treasury.yaml", "--prices", "examples/prices.csv", "--chart", "x.png")
+    code, _, err = run_at(80, *args)
+    assert code == 2 and "pip install -e '.[chart]'" in err and "rebalance[chart]" not in err
+
+
+def test_a_short_credential_does_not_garble_messages_and_a_real_one_is_scrubbed() -> None:
+    from types import SimpleNamespace
+
+    from rebalancer_cli.exchange.ccxt_exchange import CcxtExchange
+
+    text = "okx: AuthenticationError: https://www.okx.com/api/v5/account key=K3yK3yK3y pw a sEcReT-long-enough-123"
+    fake = SimpleNamespace(_secrets=("a", "K3yK3yK3y", "sEcReT-long-enough-123"))
+    scrubbed = CcxtExchange._scrub(fake, text)  # type: ignore[arg-type]
+    assert scrubbed == "okx: AuthenticationError: https://www.okx.com/api/v5/account key=*** pw a ***"
