@@ -61,7 +61,7 @@ complete -c rebalance -n '__rebalance_is "backtest"' -l verbose -s v -d 'Log to 
 complete -c rebalance -n '__rebalance_is "backtest"' -l quiet -s q -d 'Print only errors and --json output.'
 complete -c rebalance -n '__rebalance_is "backtest"' -l help -s h -d 'Show help.'
 complete -c rebalance -n '__rebalance_is "backtest generate"' -l output -s o -r -F -d 'Prices CSV to write.'
-complete -c rebalance -n '__rebalance_is "backtest generate"' -l regime -x -a 'calm trending volatile' -d 'volatile has jumps.'
+complete -c rebalance -n '__rebalance_is "backtest generate"' -l regime -x -a 'calm trending volatile' -d 'calm, trending or volatile (with jumps).'
 complete -c rebalance -n '__rebalance_is "backtest generate"' -l steps -x -d 'Rows to generate.'
 complete -c rebalance -n '__rebalance_is "backtest generate"' -l step -x -d 'Time per row, 1m to 1d (e.g. 1m, 1h, 1d).'
 complete -c rebalance -n '__rebalance_is "backtest generate"' -l seed -x -d 'Random seed - the same seed gives the same file.'

@@ -100,12 +100,6 @@ class LogLevel(StrEnum):
     error = "error"
 
 
-class Regime(StrEnum):
-    calm = "calm"
-    trending = "trending"
-    volatile = "volatile"
-
-
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version
@@ -987,7 +981,9 @@ def backtest_generate_cmd(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Prices CSV to write.", show_default=False, metavar="FILE")
     ],
-    regime: Annotated[Regime, typer.Option("--regime", help="volatile has jumps.")] = Regime.calm,
+    regime: Annotated[
+        str, typer.Option("--regime", help="calm, trending or volatile (with jumps).", metavar="REGIME")
+    ] = "calm",
     steps: Annotated[int, typer.Option("--steps", min=2, max=5_000_000, help="Rows to generate.", metavar="N")] = 8760,
     step: Annotated[
         str, typer.Option("--step", help="Time per row, 1m to 1d (e.g. 1m, 1h, 1d).", metavar="STEP")
@@ -1010,7 +1006,7 @@ def backtest_generate_cmd(
 
     series = bt.generate_file(
         output,
-        regime=regime.value,
+        regime=regime,
         steps=steps,
         step_seconds=bt.parse_step(step),
         seed=seed,
@@ -1023,14 +1019,14 @@ def backtest_generate_cmd(
                 "rows": len(series),
                 "assets": list(series.assets),
                 "step_seconds": series.step_seconds,
-                "regime": regime.value,
+                "regime": regime,
                 "seed": seed,
             }
         )
         return
     _out().print(
         f"{output}: {len(series):,} rows of {', '.join(series.assets)}, {series.step_seconds}s apart, "
-        f"regime {regime.value}, seed {seed}",
+        f"regime {regime}, seed {seed}",
         markup=False,
     )
 

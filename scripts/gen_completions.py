@@ -17,13 +17,13 @@ from typing import Any
 
 import typer
 
-from rebalancer_cli.cli import POLICY_NAMES, app
+from rebalancer_cli.cli import POLICY_NAMES, REGIME_NAMES, app
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "completions"
 FILES = {"bash": "rebalance.bash", "zsh": "_rebalance", "fish": "rebalance.fish"}
 # values of options whose choices are not a click Choice (free text checked by the command itself)
-CHOICES = {"--policy": POLICY_NAMES}
+CHOICES = {"--policy": POLICY_NAMES, "--regime": REGIME_NAMES}
 
 
 @dataclass

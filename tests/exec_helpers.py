@@ -4,12 +4,13 @@ side."""
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,23 @@ def order_counts(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
 def assert_each_key_filled_at_most_once(stats: dict[str, Any]) -> None:
     for key, c in order_counts(stats).items():
         assert c["accepted"] <= 1 and c["filled"] <= 1, f"idempotency key {key} traded twice: {c}"
+
+
+@contextlib.contextmanager
+def remote_emulator(snapshot: Path) -> Iterator[Any]:
+    """The Binance emulator in its own process, serving `snapshot`, stopped on exit."""
+    from rebalancer_cli.testing.emulator import RemoteEmulator
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rebalancer_cli.testing.emulator", "--snapshot", str(snapshot), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        yield RemoteEmulator(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -10,8 +10,6 @@ Run with `pytest -s` to see the order counts per key.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +24,7 @@ from exec_helpers import (
     cli,
     emulator_exchange,
     order_counts,
+    remote_emulator,
     stores,
     write_config,
     write_snapshot,
@@ -46,20 +45,8 @@ BACKENDS = ["sqlite", "redis+postgres"]
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteEmulator]:
-    snapshot = write_snapshot(tmp_path_factory.mktemp("emulator") / "market.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rebalancer_cli.testing.emulator", "--snapshot", str(snapshot), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), url
-        yield RemoteEmulator(url)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with remote_emulator(write_snapshot(tmp_path_factory.mktemp("emulator") / "market.yaml")) as emulator:
+        yield emulator
 
 
 @pytest.fixture(autouse=True)

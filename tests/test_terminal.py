@@ -198,22 +198,10 @@ def test_ascii_only_output_degrades_instead_of_failing_after_trading(tmp_path: P
 
 @pytest.fixture()
 def emulator(tmp_path: Path) -> Iterator[Any]:
-    from exec_helpers import write_snapshot
+    from exec_helpers import remote_emulator, write_snapshot
 
-    from rebalancer_cli.testing.emulator import RemoteEmulator
-
-    snapshot = write_snapshot(tmp_path / "emu-market.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rebalancer_cli.testing.emulator", "--snapshot", str(snapshot), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        yield RemoteEmulator(proc.stdout.readline().strip())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    with remote_emulator(write_snapshot(tmp_path / "emu-market.yaml")) as emu:
+        yield emu
 
 
 @pytest.mark.slow
@@ -310,9 +298,9 @@ def test_version_json_everywhere_and_atomic_output(run_at: Any, tmp_path: Path, 
 
 
 def test_help_shows_no_python_types_and_backtest_help_lists_the_policies(capsys: pytest.CaptureFixture[str]) -> None:
-    from rebalancer_cli import backtest, cli
+    from rebalancer_cli import backtest, cli, prices
 
-    assert cli.POLICY_NAMES == backtest.POLICY_NAMES
+    assert cli.POLICY_NAMES == backtest.POLICY_NAMES and set(cli.REGIME_NAMES) == set(prices.REGIMES)
     for path in (["plan"], ["daemon"], ["execute"], ["backtest"]):
         with pytest.raises(SystemExit):
             main([*path, "--help"])
