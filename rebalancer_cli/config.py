@@ -394,3 +394,82 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "rebalance portfolio config"
     return schema
+
+
+# --- what `plan` would refuse before any request -------------------------------------------------------
+
+
+def runnable_problems(config: Config) -> list[tuple[tuple[str | int, ...], str, bool]]:
+    """What would stop `plan`/`execute` from running this config before any request, as (path, message,
+    at the key); cheap (no file read unless a problem is found), so the daemon can check on every cycle."""
+    from difflib import get_close_matches
+
+    from .ccxt_ids import EXCHANGES
+
+    found: list[tuple[tuple[str | int, ...], str, bool]] = []
+    ex = config.exchange
+    if "exchange" not in config.model_fields_set:
+        found.append(
+            (
+                ("exchange",),
+                "no exchange configured: add `exchange: {id: paper, snapshot: FILE}` or a ccxt exchange id "
+                "(`plan --snapshot FILE` plans without one)",
+                True,
+            )
+        )
+    elif ex.is_paper:
+        path = config.snapshot_path() if ex.snapshot else None
+        if path is not None and not path.is_file():
+            found.append((("exchange", "snapshot"), f"no such snapshot file: {path}", False))
+    elif ex.id not in EXCHANGES:
+        hint = get_close_matches(ex.id, ["paper", *EXCHANGES], n=1, cutoff=0.6)
+        guess = f"; did you mean '{hint[0]}'?" if hint else " (`rebalance validate-config` lists none close)"
+        found.append((("exchange", "id"), f"'{ex.id}' is neither `paper` nor an exchange ccxt knows{guess}", False))
+    else:
+        missing = [f for f in EXCHANGES[ex.id] if f not in ex.credentials_env]
+        if missing:
+            example = ", ".join(f"{f}: {ex.id.upper()}_{_snake(f).upper()}" for f in missing)
+            found.append(
+                (
+                    ("exchange", "credentials_env"),
+                    f"{ex.id} needs the credential(s) {', '.join(missing)}: name the environment variables "
+                    f"holding them, e.g. credentials_env: {{{example}}}",
+                    "credentials_env" not in ex.model_fields_set,
+                )
+            )
+    return found
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)([A-Z])", r"_\1", name)
+
+
+def _located(config: Config, found: list[tuple[tuple[str | int, ...], str, bool]]) -> list[Problem]:
+    source = config.source or "config"
+    try:
+        doc = yamlfile.load(Path(source), kind="config", max_bytes=MAX_CONFIG_BYTES)
+    except InvalidFileError:  # the file changed or went away since it was loaded: no lines, same messages
+        return [Problem(source, 0, 0, yamlfile.render_path(p), m) for p, m, _ in found]
+    return [doc.problem(p, m, key=key) for p, m, key in found]
+
+
+def check_runnable(config: Config) -> None:
+    """Raise `ConfigError`, located, when `plan` could not run this config (see `runnable_problems`)."""
+    found = runnable_problems(config)
+    if found:
+        raise ConfigError(_located(config, found))
+
+
+def check_config(path: Path) -> tuple[Config, list[str]]:
+    """`rebalance validate-config`: the schema, and everything `plan` would check before its first request
+    (exchange id, credentials named, files present); raises `ConfigError` with every problem at its line.
+    Also returns notes: environment variables named for credentials but not set in this shell (a CI job
+    validating configs has none; `plan` would stop there)."""
+    config = load_config(path)
+    check_runnable(config)
+    notes = [
+        f"credential {f}: environment variable {name} is not set here; plan and execute need it"
+        for f, name in config.exchange.credentials_env.items()
+        if not config.exchange.is_paper and not os.environ.get(name)
+    ]
+    return config, notes

@@ -22,6 +22,8 @@ class ExitCode:
     BUSY = 6
     BAD_FILL = 7
     PLAN_HAS_TRADES = 10
+    INTERRUPTED = 130  # SIGINT (Ctrl-C), 128 + 2, as shells report it
+    TERMINATED = 143  # SIGTERM, 128 + 15
 
 
 class RebalanceError(Exception):

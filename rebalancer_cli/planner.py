@@ -235,6 +235,8 @@ class Plan:
     summary: Summary
     policy: str
     notes: tuple[str, ...] = ()
+    # market -> (lot, price tick) of the traded markets, so that amounts and prices show as the exchange does
+    precision: Mapping[str, tuple[Decimal, Decimal]] = field(default_factory=dict)
 
     @property
     def has_trades(self) -> bool:
@@ -287,6 +289,9 @@ class Plan:
             "plan_id": self.plan_id,
             "policy": self.policy,
             "notes": list(self.notes),
+            "precision": {
+                m: {"amount_step": plain(lot), "price_step": plain(tick)} for m, (lot, tick) in self.precision.items()
+            },
         }
         from .plan_file import plan_digest  # the saved-plan format's integrity check
 
@@ -344,6 +349,10 @@ class Plan:
                 ),
                 policy=str(data.get("policy", "")),
                 notes=tuple(data.get("notes", ())),
+                precision={
+                    m: (Decimal(p["amount_step"]), Decimal(p["price_step"]))
+                    for m, p in (data.get("precision") or {}).items()
+                },
             )
         except (KeyError, TypeError, ValueError, ArithmeticError, IndexError) as exc:
             raise InputError(f"not a plan saved by `rebalance plan --json`: {type(exc).__name__}: {exc}") from None
@@ -608,6 +617,7 @@ def plan(
         summary=summary,
         policy=policy.name,
         notes=tuple(notes),
+        precision={v.market.symbol: (v.market.amount_step, v.market.price_tick()) for v in ordered if v.market},
     )
 
 

@@ -6,10 +6,11 @@ CLI by calling the same functions. Heavy imports (ccxt, redis, psycopg) happen i
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, default_state_dir, load_config
 from .errors import RefusedError
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 
 
 def open_exchange(config: Config) -> Exchange:
+    from .config import check_runnable
+
+    check_runnable(config)  # the checks of `validate-config`, at the config's lines, before any request
     if config.exchange.is_paper:
         from .exchange.paper import PaperExchange
 
@@ -102,6 +106,50 @@ def make_plan(
     return config, plan(config, snapshot, state, now=now)
 
 
+@dataclass(frozen=True)
+class PlanResult:
+    """`rebalance plan`: the plan, and the kill switch, which `execute` would meet before sending anything."""
+
+    config: Config
+    plan: Plan
+    halt: Halt | None
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.plan.to_dict()
+        d["halted"] = halt_dict(self.halt)
+        d["notes"] = [*d["notes"], *self.notes]
+        return d
+
+
+def halt_dict(h: Halt | None) -> dict[str, str] | None:
+    return (
+        {"reason": h.reason, "by": h.by, "at": h.at.astimezone(UTC).isoformat().replace("+00:00", "Z")} if h else None
+    )
+
+
+def plan_portfolio(
+    config_path: Path,
+    *,
+    snapshot_path: Path | None = None,
+    now: datetime | None = None,
+) -> PlanResult:
+    """`rebalance plan`: `make_plan`, and whether the portfolio is halted (a plan is still shown: it says
+    what would be done once resumed)."""
+    from .errors import StoreError
+
+    config, p = make_plan(config_path, snapshot_path=snapshot_path, now=now)
+    try:
+        ledger = open_ledger_for(config)
+        try:
+            halted = ledger.halted(config.portfolio_id)
+        finally:
+            ledger.close()
+    except StoreError as exc:
+        return PlanResult(config, p, None, (f"kill switch state unknown: {exc}",))
+    return PlanResult(config, p, halted)
+
+
 # --- execution and the stores ----------------------------------------------------------------------
 
 
@@ -176,36 +224,87 @@ def load_saved_plan(path: Path) -> Plan:
     return load(path)
 
 
-def halt(config_path: Path, reason: str, by: str | None = None) -> Halt:
-    """Pull the kill switch: in the audit store (durable) and the ledger (checked before every order)."""
-    from . import killswitch
+class AlreadyHaltedError(RefusedError):
+    """`halt` on a halted portfolio: the first reason is what the operators were told; replacing it silently
+    would lose it."""
 
-    config = load_config(config_path)
-    ledger = open_ledger_for(config)
+    def __init__(self, current: Halt) -> None:
+        self.current = current
+        super().__init__(
+            f"already halted by {current.by} at {current.at.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC: "
+            f"{current.reason} (add --force to replace the reason; both stay in `history`)"
+        )
+
+
+@dataclass(frozen=True)
+class HaltResult:
+    halt: Halt
+    replaced: Halt | None = None  # the halt whose reason --force replaced
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"halted": halt_dict(self.halt), "replaced": halt_dict(self.replaced), "notes": list(self.notes)}
+
+
+@dataclass(frozen=True)
+class ResumeResult:
+    previous: Halt | None  # None: it was not halted
+    by: str
+    notes: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resumed": self.previous is not None, "was": halt_dict(self.previous), "by": self.by,
+                "notes": list(self.notes)}  # fmt: skip
+
+
+def _record_kill_switch(config: Config, kind: str, detail: dict[str, Any], at: datetime) -> tuple[str, ...]:
+    """Halt and resume go to the audit trail; the kill switch itself lives in the ledger and must work even
+    while the audit store does not answer, so a failure here is a note, not an error."""
+    from .errors import RebalanceError
+
     try:
         audit = open_audit_for(config)
         try:
-            return killswitch.halt(ledger, audit, config.portfolio_id, reason, by or operator())
+            audit.record_event(config.portfolio_id, kind, detail, at)
         finally:
             audit.close()
-    finally:
-        ledger.close()
+    except RebalanceError as exc:
+        return (f"not recorded in the audit trail: {exc}",)
+    return ()
 
 
-def resume(config_path: Path, by: str | None = None) -> Halt | None:
-    """Lift the kill switch; returns the halt that was lifted (None when it was not set)."""
-    from . import killswitch
-
+def halt(config_path: Path, reason: str, by: str | None = None, *, force: bool = False) -> HaltResult:
+    """Pull the kill switch. A portfolio already halted keeps its reason (AlreadyHaltedError, exit 5) unless
+    `force`; both halts are recorded in the audit trail."""
     config = load_config(config_path)
     ledger = open_ledger_for(config)
     try:
-        audit = open_audit_for(config)
-        try:
-            return killswitch.resume(ledger, audit, config.portfolio_id, by or operator())
-        finally:
-            audit.close()
+        previous = ledger.halted(config.portfolio_id)
+        if previous is not None and not force:
+            raise AlreadyHaltedError(previous)
+        ledger.halt(config.portfolio_id, reason, by or operator())
+        halted = ledger.halted(config.portfolio_id)
+        assert halted is not None
     finally:
         ledger.close()
+    detail = {"reason": halted.reason, "by": halted.by, "replaced": previous.reason if previous else None}
+    return HaltResult(halted, previous, _record_kill_switch(config, "halt", detail, halted.at))
+
+
+def resume(config_path: Path, by: str | None = None) -> ResumeResult:
+    """Lift the kill switch; says which halt was lifted (None when it was not set)."""
+    config = load_config(config_path)
+    ledger = open_ledger_for(config)
+    who = by or operator()
+    try:
+        previous = ledger.halted(config.portfolio_id)
+        ledger.resume(config.portfolio_id)
+    finally:
+        ledger.close()
+    if previous is None:
+        return ResumeResult(None, who)
+    detail = {"by": who, "reason": previous.reason}
+    return ResumeResult(previous, who, _record_kill_switch(config, "resume", detail, datetime.now(UTC)))
 
 
 def history(config_path: Path, limit: int = 20) -> list[ExecutionRecord]:
@@ -215,6 +314,42 @@ def history(config_path: Path, limit: int = 20) -> list[ExecutionRecord]:
         return audit.history(config.portfolio_id, limit)
     finally:
         audit.close()
+
+
+@dataclass(frozen=True)
+class KillSwitchEvent:
+    kind: str  # halt | resume
+    at: datetime
+    by: str
+    reason: str  # why it was halted (for a resume: the halt it lifted)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "at": self.at.isoformat(), "by": self.by, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class AuditLog:
+    """`rebalance history`: executions and kill-switch events, newest first."""
+
+    executions: list[ExecutionRecord]
+    events: list[KillSwitchEvent] = field(default_factory=list)
+
+
+def audit_log(config_path: Path, limit: int = 20) -> AuditLog:
+    config = load_config(config_path)
+    audit = open_audit_for(config)
+    try:
+        executions = audit.history(config.portfolio_id, limit)
+        # other events (recoveries, refusals) are many; read enough of them to find the kill switch's
+        raw = audit.events(config.portfolio_id, min(10_000, max(100, limit * 20)))
+    finally:
+        audit.close()
+    events = [
+        KillSwitchEvent(kind, at, str(d.get("by", "")), str(d.get("reason", "")))
+        for at, kind, d in raw
+        if kind in ("halt", "resume")
+    ][:limit]
+    return AuditLog(executions, events)
 
 
 def migrate(config_path: Path | None = None, database_url: str | None = None) -> list[str]:

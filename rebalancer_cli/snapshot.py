@@ -48,12 +48,21 @@ class Market:
     asks: tuple[Level, ...]
     volatility: Decimal | None = None
     fee_source: str = "snapshot"
-    price_step: Decimal | None = None  # the tick; protected orders' limits are rounded to it
+    # the exchange's price tick; None when unknown (older snapshot files, an exchange that does not say)
+    price_step: Decimal | None = None
     mid: Decimal = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         # read on every planning step of every asset; computed once
         object.__setattr__(self, "mid", (self.bids[0][0] + self.asks[0][0]) / 2)
+
+    def price_tick(self) -> Decimal:
+        """The price tick, for display: the exchange's when known, else the finest step the book's best
+        levels are written in (a book quoted 64995.12 ticks in cents)."""
+        if self.price_step is not None:
+            return self.price_step
+        exponent = min(int(p.as_tuple().exponent) for p, _ in (*self.bids[:5], *self.asks[:5]))
+        return Decimal(1).scaleb(max(min(exponent, 0), -12))
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +103,10 @@ class MarketFile(BaseModel):
     asks: list[BookLevel] = Field(description="Asks, best (lowest) first: [price, amount]")
     volatility: NonNegative | None = Field(None, description="Daily realized volatility, e.g. 0.03")
     fee_source: str = Field("snapshot", description="Where the fee came from (account, config, default)")
-    price_step: Positive | None = Field(None, description="Price tick; order limits are rounded to it")
+    price_step: Positive | None = Field(
+        None,
+        description="Price tick: prices are shown to it, order limits rounded to it (default: the book's precision)",
+    )
 
     @field_validator("bids")
     @classmethod
@@ -215,10 +227,10 @@ def to_document(snapshot: Snapshot) -> dict[str, Any]:
         }
         if m.volatility is not None:
             entry["volatility"] = str(m.volatility)
-        if m.price_step is not None:
-            entry["price_step"] = str(m.price_step)
         if m.fee_source != "snapshot":
             entry["fee_source"] = m.fee_source
+        if m.price_step is not None:
+            entry["price_step"] = str(m.price_step)
         markets[symbol] = entry
     doc["markets"] = markets
     return doc
@@ -233,3 +245,11 @@ def save_snapshot(snapshot: Snapshot, path: Path) -> None:
     from .fsutil import atomic_write_text
 
     atomic_write_text(path, dump_snapshot(snapshot))
+
+
+def json_schema() -> dict[str, Any]:
+    """The snapshot file format as JSON Schema (`rebalance snapshot-schema`)."""
+    schema = SnapshotFile.model_json_schema(mode="validation")
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "rebalance snapshot file"
+    return schema

@@ -176,10 +176,33 @@ class JsonFormatter(logging.Formatter):
         return redact(json.dumps(event, default=str))
 
 
+def _text_value(value: Any) -> str:
+    """A field value for one readable line: an order as `sell 0.29692 BTC/USDC filled`, a mapping as
+    `BTC: hard band breached, ETH: below threshold`, text with spaces quoted, never a Python repr."""
+    if isinstance(value, Mapping):
+        if {"side", "amount", "market", "status"} <= value.keys():
+            return f"{value['side']} {value['amount']} {value['market']} {value['status']}"
+        return ", ".join(f"{k}: {_text_value(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return "; ".join(_text_value(v) for v in value)
+    return " ".join(str(value).split())  # one line: newlines and runs of spaces become one space
+
+
+def _text_field(key: str, value: Any) -> str:
+    text = _text_value(value)
+    return f'{key}="{text}"' if (" " in text or not text) else f"{key}={text}"
+
+
 class TextFormatter(logging.Formatter):
+    """One line per event for a terminal: time, level, event, then key=value fields (a traceback, when
+    there is one, follows on its own lines)."""
+
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None) or {}
-        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        trace = fields.get("traceback") if isinstance(fields, Mapping) else None
+        extra = " ".join(_text_field(k, v) for k, v in fields.items() if v is not None and v != [] and k != "traceback")
+        if trace:
+            extra += "\n" + str(trace).rstrip()
         stamp = datetime.fromtimestamp(record.created, UTC).strftime("%H:%M:%S")
         line = f"{stamp} {record.levelname.lower():7} {record.getMessage()}" + (f" {extra}" if extra else "")
         if record.exc_info and record.exc_info[1] is not None:

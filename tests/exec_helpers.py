@@ -99,26 +99,6 @@ def emulator_exchange(url: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def remote_emulator(directory: Path) -> Iterator[RemoteEmulator]:
-    """The Binance emulator in its own process (as the crash and concurrency tests need: they kill or freeze
-    the tool's processes, never the exchange's), on the opening balances."""
-    snapshot = write_snapshot(directory / "market.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rebalancer_cli.testing.emulator", "--snapshot", str(snapshot), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), url
-        yield RemoteEmulator(url)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 def stores(backend: str, redis_url: str | None = None, database_url: str | None = None) -> dict[str, str]:
     """Config keys of a store backend: `sqlite` (embedded default) or `redis+postgres`."""
     if backend == "sqlite":
@@ -207,3 +187,22 @@ def order_counts(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
 def assert_each_key_filled_at_most_once(stats: dict[str, Any]) -> None:
     for key, c in order_counts(stats).items():
         assert c["accepted"] <= 1 and c["filled"] <= 1, f"idempotency key {key} traded twice: {c}"
+
+
+@contextlib.contextmanager
+def remote_emulator(snapshot: Path) -> Iterator[Any]:
+    """The Binance emulator in its own process, serving `snapshot`, stopped on exit."""
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rebalancer_cli.testing.emulator", "--snapshot", str(snapshot), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        yield RemoteEmulator(url)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

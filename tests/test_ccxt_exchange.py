@@ -134,6 +134,7 @@ def comparable(plan_json: str, *, threshold: bool = True) -> dict[str, Any]:
     d = json.loads(plan_json)
     d.pop("plan_id", None)
     d.pop("taken_at", None)
+    d.pop("digest", None)  # covers the ids and the time
     for t in d["trades"]:
         t.pop("idempotency_key")
     if not threshold:
@@ -594,6 +595,8 @@ def test_no_command_ever_shows_or_writes_the_credentials(tmp_path: Path) -> None
         runs: dict[str, list[object]] = {
             "validate-config": ["validate-config", cfg],
             "config-schema": ["config-schema"],
+            "snapshot-schema": ["snapshot-schema"],
+            "init": ["init", "--config", tmp_path / "init.yaml"],
             "plan": ["plan", "--config", cfg],
             "plan --json": ["plan", "--config", cfg, "--json", "--detailed-exitcode"],
             "snapshot": ["snapshot", "--config", cfg, "-o", snap],

@@ -244,7 +244,7 @@ def test_plan_with_a_bad_snapshot_exits_2_with_located_lines(rebalance: Any, tmp
     [
         (("plan", "--config", "examples/treasury.yaml", "--bogus"), "No such option: --bogus"),
         (("plan",), "Missing option '--config'"),
-        (("validate-config",), "Missing argument"),
+        (("validate-config",), "validate-config takes one config: FILE or --config FILE"),
         (("frobnicate",), "No such command 'frobnicate'"),
         (("plan", "--config", "examples/nothere.yaml"), "examples/nothere.yaml no such config file"),
         (
@@ -268,7 +268,7 @@ def test_plan_without_an_exchange_says_what_to_add_and_exits_2(rebalance: Any, t
     r = rebalance("plan", "--config", str(cfg))
     assert r.returncode == 2
     _no_traceback(r)
-    assert r.stderr.startswith(f"{cfg} exchange: no exchange configured")
+    assert re.match(rf"{re.escape(str(cfg))}:\d+:\d+ exchange: no exchange configured", r.stderr), r.stderr
     assert "--snapshot" in r.stderr
     snap = tmp_path / "balanced.yaml"
     snap.write_text(BALANCED)
@@ -377,3 +377,45 @@ def test_every_command_help_shows_an_example(capsys: pytest.CaptureFixture[str])
         if "Example:" not in out:
             missing.append(" ".join(path))
     assert missing == []
+
+
+# --- validate-config runs what plan would check before its first request ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exchange", "says"),
+    [
+        ("exchange: {id: krakn}\n", ":10:16 exchange.id: 'krakn' is neither `paper` nor an exchange ccxt knows; did "
+         "you mean 'kraken'?"),
+        ("exchange:\n  id: kraken\n", ":10:1 exchange.credentials_env: kraken needs the credential(s) apiKey, secret"),
+        ("exchange:\n  id: okx\n  credentials_env: {apiKey: OKX_KEY, secret: OKX_SECRET}\n",
+         ":12:20 exchange.credentials_env: okx needs the credential(s) password"),
+        ("exchange:\n  id: paper\n  snapshot: nothere.yaml\n", ":12:13 exchange.snapshot: no such snapshot file"),
+        ("", ":1:1 exchange: no exchange configured"),
+    ],
+)  # fmt: skip
+def test_validate_config_fails_where_plan_would_at_the_config_line(
+    rebalance: Any, tmp_path: Path, exchange: str, says: str
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(DESIGN_MINIMUM + exchange)
+    for args in (("validate-config", str(cfg)), ("validate-config", "--config", str(cfg))):
+        r = rebalance(*args)
+        assert (r.returncode, r.stdout) == (2, ""), r.stderr
+        assert r.stderr.startswith(f"{cfg}{says}"), r.stderr
+    if exchange:  # and plan stops at the same line, before any request
+        r = rebalance("plan", "--config", str(cfg))
+        assert r.returncode == 2 and r.stderr.startswith(f"{cfg}{says}"), r.stderr
+
+
+def test_validate_config_notes_credentials_not_set_here_without_failing(rebalance: Any, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(DESIGN_MINIMUM + "exchange:\n  id: kraken\n  credentials_env: {apiKey: RB_K, secret: RB_S}\n")
+    r = rebalance("validate-config", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    assert "note: credential apiKey: environment variable RB_K is not set here" in r.stderr
+
+
+def test_the_static_list_of_ccxt_exchanges_matches_the_installed_ccxt() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_ccxt_ids.py"), "--check"], capture_output=True)
+    assert r.returncode == 0, r.stderr

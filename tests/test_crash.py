@@ -27,6 +27,7 @@ from exec_helpers import (
     remote_emulator,
     stores,
     write_config,
+    write_snapshot,
 )
 
 from rebalancer_cli.config import load_config
@@ -44,7 +45,7 @@ BACKENDS = ["sqlite", "redis+postgres"]
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteEmulator]:
-    with remote_emulator(tmp_path_factory.mktemp("emulator")) as emulator:
+    with remote_emulator(write_snapshot(tmp_path_factory.mktemp("emulator") / "market.yaml")) as emulator:
         yield emulator
 
 

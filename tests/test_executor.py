@@ -143,10 +143,13 @@ def test_paper_execute_converges_in_one_run_and_history_shows_it(paper: Path) ->
     assert "done" in table.stdout and "USDC" in table.stdout
 
 
-def test_without_confirm_nothing_is_sent_and_exit_is_2(paper: Path, rebalance: Cli) -> None:
+def test_without_confirm_it_is_a_dry_run_exit_0_or_10(paper: Path, rebalance: Cli) -> None:
     result = rebalance("execute", "--config", str(paper))
-    assert result.returncode == 2
-    assert "nothing was sent" in result.stderr and "--confirm" in result.stderr
+    assert result.returncode == 0  # a dry run, not a usage error: cron tells a forgotten flag from a broken file
+    assert "dry run: nothing was sent" in result.stderr and "--confirm" in result.stderr
+    explicit = rebalance("execute", "--config", str(paper), "--dry-run", "--detailed-exitcode")
+    assert explicit.returncode == 10, explicit.stderr  # it would trade
+    assert "dry run: nothing was sent" in explicit.stderr
     assert "sell" in result.stdout and "BTC/USDC" in result.stdout  # the plan it would have executed
     assert paper_balances(paper) == OPENING
     assert json.loads(rebalance("history", "--config", str(paper), "--json").stdout) == []
@@ -547,7 +550,7 @@ def test_the_final_table_shows_exchange_text_verbatim_and_never_cuts_numbers() -
     """Exchange error text may look like rich markup; the table must show it, not crash after orders went out."""
     from rich.console import Console
 
-    from rebalancer_cli.cli import render_report
+    from rebalancer_cli.render import report as render_report
 
     outcome = OrderOutcome("k1", "PEPE", "PEPE/USDC", "buy", D("123456789.12345678"), status="rejected")
     outcome.reason = 'binance: InvalidOrder: {"msg": "Filter failure: [LOT_SIZE]"} [/x]'
@@ -558,7 +561,7 @@ def test_the_final_table_shows_exchange_text_verbatim_and_never_cuts_numbers() -
     render_report(console, report)
     text = console.export_text()
     assert 'binance: InvalidOrder: {"msg": "Filter failure: [LOT_SIZE]"} [/x]' in text
-    assert "123456789.12345678" in text and "0.00001235" in text and "19.29835103 USDC" in text
+    assert "123,456,789.12345678" in text and "0.00001235" in text and "19.29835103 USDC" in text
     assert "status incomplete" in text
     narrow = Console(width=60, record=True)
     render_report(narrow, report)
@@ -659,10 +662,13 @@ def test_a_tripled_amount_meets_max_trade_notional_priced_on_the_book_not_the_fi
     tmp_path: Path, unique_id: str, rebalance: Cli
 ) -> None:
     write_snapshot(tmp_path / "market.yaml")
-    config = write_config(tmp_path, unique_id, {"id": "paper", "snapshot": "market.yaml"}, max_trade_notional=20000)
+    config = write_config(tmp_path, unique_id, {"id": "paper", "snapshot": "market.yaml"})
+    _, plan = _save_plan(rebalance, config, tmp_path)
+    limit = (D(_sell(plan)["notional"]) * 2).quantize(D(1))  # the honest sell passes it, the tripled one not
+    config = write_config(tmp_path, unique_id, {"id": "paper", "snapshot": "market.yaml"}, max_trade_notional=limit)
     plan_file, plan = _save_plan(rebalance, config, tmp_path)
     sell = _sell(plan)
-    assert D(sell["notional"]) < 20000 < D(sell["notional"]) * 3
+    assert D(sell["notional"]) < limit < D(sell["notional"]) * 3
     sell["amount"] = str(D(sell["amount"]) * 3)  # its notional left alone, as in the reported forgery
     _resave(plan_file, plan)
     result = rebalance("execute", "--config", str(config), "--plan", str(plan_file), "--confirm", "--json")

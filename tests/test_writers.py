@@ -31,6 +31,7 @@ from exec_helpers import (
     remote_emulator,
     stores,
     write_config,
+    write_snapshot,
 )
 
 from rebalancer_cli.runtime import make_plan, reconcile
@@ -42,7 +43,7 @@ ORDER_ENDPOINT = "POST /api/v3/order"
 
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteEmulator]:
-    with remote_emulator(tmp_path_factory.mktemp("emulator")) as emulator:
+    with remote_emulator(write_snapshot(tmp_path_factory.mktemp("emulator") / "market.yaml")) as emulator:
         yield emulator
 
 

@@ -255,8 +255,14 @@ class CcxtExchange:
         return call_with_retry(guarded, policy=self.retry)
 
     def _scrub(self, text: str) -> str:
+        # A secret is replaced where it appears as a token of its own; one of 16+ characters anywhere. Shorter
+        # than 8 (a 1-character passphrase) it is not searched for: it would turn `https://www.okx.com/api`
+        # into `https://www.okx.***om/***pi`, and no message could be read any more.
         for secret in self._secrets:
-            text = text.replace(secret, "***")
+            if len(secret) >= 16:
+                text = text.replace(secret, "***")
+            elif len(secret) >= 8:
+                text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
         text = re.sub(r"([?&](signature|apiKey|api_key|key|sign)=)[^&\s\"']+", r"\1***", text)
         return re.sub(r"\?[^\s\"']{200,}", "?...", text)[:500]
 
