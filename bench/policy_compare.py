@@ -21,9 +21,11 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 
-from rebalancer_cli.backtest import BacktestResult, Replay, named_policies, run_backtest
 from rebalancer_cli.config import load_config
-from rebalancer_cli.prices import EXAMPLE_START_PRICES, REGIMES, PriceSeries, generate_prices, load_prices
+from rebalancer_cli.simulation.csvfile import load_prices
+from rebalancer_cli.simulation.generate import EXAMPLE_START_PRICES, REGIMES, generate_prices
+from rebalancer_cli.simulation.replay import BacktestResult, Replay, named_policies, run_backtest
+from rebalancer_cli.simulation.series import PriceSeries
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "cost-adjusted"

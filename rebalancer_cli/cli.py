@@ -592,9 +592,9 @@ def backtest_cmd(
         return
     from dataclasses import replace
 
-    from . import backtest as bt
     from .errors import InputError
-    from .market_model import BookModel
+    from .simulation import replay as bt
+    from .simulation.books import BookModel
 
     if config is None or prices is None:
         raise InputError("backtest needs --config FILE and --prices FILE (or a subcommand: generate)")
@@ -718,7 +718,7 @@ def backtest_generate_cmd(
     ] = None,
 ) -> None:
     """Write reproducible prices: geometric Brownian motion with a volatility regime and jumps."""
-    from . import backtest as bt
+    from .simulation import replay as bt
 
     series = bt.generate_file(
         output,

@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from rebalancer_cli import backtest as bt
 from rebalancer_cli.cli import main
 from rebalancer_cli.config import Config, load_config
-from rebalancer_cli.market_model import BookModel
 from rebalancer_cli.planner import FixedThreshold, Policy, ToTarget, needs_book, plan
-from rebalancer_cli.prices import REGIMES, PriceSeries, generate_prices, load_prices
+from rebalancer_cli.simulation import replay as bt
+from rebalancer_cli.simulation.books import BookModel
+from rebalancer_cli.simulation.csvfile import load_prices
+from rebalancer_cli.simulation.generate import REGIMES, generate_prices
+from rebalancer_cli.simulation.series import PriceSeries
 
 ROOT = Path(__file__).resolve().parent.parent
 TREASURY = ROOT / "examples" / "treasury.yaml"

@@ -26,27 +26,22 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
-from .errors import InputError, InsufficientFundsError, InvalidOrderError
-from .exchange.paper import paper_fill
-from .market_model import BookModel, RollingVolatility
-from .planner import (
-    CostGate,
-    FixedThreshold,
+from ..config import Config, load_config
+from ..errors import InputError, InsufficientFundsError, InvalidOrderError
+from ..exchange.paper import paper_fill
+from ..planner import (
     Plan,
     PlannerState,
     Policy,
-    ThresholdRule,
-    ToBandEdge,
-    ToTarget,
-    VolatilityScaledThreshold,
     needs_book,
     plain,
     plan,
-    policy_from_config,
 )
-from .prices import SECONDS_PER_YEAR, PriceSeries, load_prices
-from .snapshot import Market, Snapshot, load_snapshot
+from ..snapshot import Market, Snapshot, load_snapshot
+from .books import BookModel, RollingVolatility
+from .csvfile import load_prices
+from .policies import DEFAULT_CALENDAR_SECONDS, BacktestPolicy, named_policies, select_policies
+from .series import SECONDS_PER_YEAR, PriceSeries
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -60,14 +55,6 @@ VOLATILITY_DAYS = 30
 DEFAULT_INITIAL_VALUE = Decimal(100_000)
 DEFAULT_TAKER_FEE = Decimal("0.001")
 DEFAULT_MIN_NOTIONAL = Decimal(5)
-DEFAULT_CALENDAR_SECONDS = 30 * DAY
-DEFAULT_BAND = Decimal("0.05")
-DEFAULT_TOLERANCE = Decimal("0.02")
-# used by the hysteresis + cooldown policy when the config sets neither (the values of examples/treasury.yaml)
-DEFAULT_HYSTERESIS = Decimal("0.2")
-DEFAULT_COOLDOWN_SECONDS = Decimal(900)
-# the band of `cost-adjusted-edge-half`, as a fraction of the cost-adjusted threshold
-EDGE_HALF = Decimal("0.5")
 # A live cycle reads the balances and the best bid/ask of every market (one request each), then one full book
 # per market the planner's screen passes, one request per order, and the balances again after executing.
 IDLE_CALLS = 2
@@ -76,145 +63,6 @@ TIMELINE_POINTS = 2_000
 PROGRESS_EVERY = 16_384
 
 Progress = Callable[[int], None]
-
-
-# --- policies ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ToTolerance:
-    """Trade back only to a tolerance band inside the trigger band (Daryanani 2008): less turnover than going
-    to target, less drift than stopping at the trigger's edge."""
-
-    tolerance: Decimal
-
-    def remaining_drift(self, drift: Decimal, threshold: Decimal) -> Decimal:
-        edge = min(self.tolerance, threshold, abs(drift))
-        return edge if drift > 0 else -edge
-
-
-@dataclass(frozen=True, slots=True)
-class ScaledThreshold:
-    """Another rule's threshold times a factor: the same volatility response with a tighter or wider band."""
-
-    inner: ThresholdRule
-    factor: Decimal
-
-    def threshold(self, volatility: Decimal | None) -> Decimal:
-        return self.inner.threshold(volatility) * self.factor
-
-
-@dataclass(frozen=True)
-class BacktestPolicy:
-    """A planner policy and when the live tool would look: every step, or only every `every_seconds`."""
-
-    name: str
-    policy: Policy
-    every_seconds: int | None = None
-    description: str = ""
-
-
-POLICY_NAMES = (
-    "config",
-    "calendar",
-    "band",
-    "band-edge",
-    "tolerance-band",
-    "cost-adjusted",
-    "cost-adjusted+hysteresis+cooldown",
-    "cost-adjusted-edge",
-    "cost-adjusted-edge-half",
-)
-
-
-def named_policies(
-    config: Config,
-    *,
-    calendar_seconds: int = DEFAULT_CALENDAR_SECONDS,
-    band: Decimal = DEFAULT_BAND,
-    tolerance: Decimal = DEFAULT_TOLERANCE,
-) -> dict[str, BacktestPolicy]:
-    """Every policy the backtest knows, built on this config's thresholds, hard bands and assets."""
-    if calendar_seconds <= 0:
-        raise InputError(f"the calendar period must be above 0 seconds (got {calendar_seconds})")
-    if not ZERO < tolerance < band:
-        raise InputError(f"the tolerance band ({tolerance}) must be above 0 and inside the trigger band ({band})")
-    live = policy_from_config(config)
-    scaled = VolatilityScaledThreshold(config.base_threshold, config.volatility_factor)
-    gate = CostGate(config.safety_margin)
-    hysteresis = config.hysteresis or DEFAULT_HYSTERESIS
-    cooldown = config.cooldown or DEFAULT_COOLDOWN_SECONDS
-    pct = f"{(band * 100).normalize():f} pp"
-    days = f"{calendar_seconds / DAY:g} days"
-    return {
-        "config": BacktestPolicy("config", _named(live, "config"), description="this config's rule, as live"),
-        "calendar": BacktestPolicy(
-            "calendar",
-            Policy(FixedThreshold(ZERO), ToTarget(), None, name="calendar"),
-            every_seconds=calendar_seconds,
-            description=f"back to target every {days}, no cost gate",
-        ),
-        "band": BacktestPolicy(
-            "band", Policy(FixedThreshold(band), ToTarget(), None, name="band"), description=f"{pct} band, to target"
-        ),
-        "band-edge": BacktestPolicy(
-            "band-edge",
-            Policy(FixedThreshold(band), ToBandEdge(), None, name="band-edge"),
-            description=f"{pct} band, to its edge (Leland 1996)",
-        ),
-        "tolerance-band": BacktestPolicy(
-            "tolerance-band",
-            Policy(FixedThreshold(band), ToTolerance(tolerance), None, name="tolerance-band"),
-            description=f"{pct} trigger, back to {(tolerance * 100).normalize():f} pp (Daryanani 2008)",
-        ),
-        "cost-adjusted": BacktestPolicy(
-            "cost-adjusted",
-            Policy(scaled, ToTarget(), gate, name="cost-adjusted"),
-            description="volatility-scaled threshold + cost gate, to target",
-        ),
-        "cost-adjusted+hysteresis+cooldown": BacktestPolicy(
-            "cost-adjusted+hysteresis+cooldown",
-            Policy(
-                scaled,
-                ToTarget(),
-                gate,
-                hysteresis=hysteresis,
-                cooldown_seconds=cooldown,
-                name="cost-adjusted+hysteresis+cooldown",
-            ),
-            description=f"cost-adjusted, hysteresis {hysteresis}, cooldown {cooldown}s",
-        ),
-        "cost-adjusted-edge": BacktestPolicy(
-            "cost-adjusted-edge",
-            Policy(scaled, ToBandEdge(), gate, name="cost-adjusted-edge"),
-            description="cost-adjusted, to the band's edge",
-        ),
-        # Leland's edge sizing leaves the drift at the band's edge where going to target leaves none; in
-        # continuous time a band 1/sqrt(2) as wide gives the same drift variance with ~30% less turnover.
-        # Checks come at intervals, so the drift overshoots the band between them: half the band keeps the
-        # tracking error at or below cost-adjusted's on minute checks (README, "Choosing the default policy").
-        "cost-adjusted-edge-half": BacktestPolicy(
-            "cost-adjusted-edge-half",
-            Policy(ScaledThreshold(scaled, EDGE_HALF), ToBandEdge(), gate, name="cost-adjusted-edge-half"),
-            description=f"cost-adjusted band x{EDGE_HALF}, to its edge (= base_threshold x{EDGE_HALF}, band_edge)",
-        ),
-    }
-
-
-def _named(policy: Policy, name: str) -> Policy:
-    return replace(policy, name=name)
-
-
-def select_policies(config: Config, names: Sequence[str], *, compare: bool = False, **kw: Any) -> list[BacktestPolicy]:
-    """The policies asked for by name, in the order given (all of them with `compare`); default: the config's."""
-    known = named_policies(config, **kw)
-    if compare:
-        return list(known.values())
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise InputError(f"unknown policy {', '.join(unknown)}; known: {', '.join(POLICY_NAMES)}")
-    chosen = list(dict.fromkeys(names)) or ["config"]
-    return [known[n] for n in chosen]
 
 
 # --- the market the replay trades in ----------------------------------------------------------------------
@@ -900,7 +748,7 @@ def backtest_files(
 
 def parse_step(text: str, *, flag: str = "--step", low: int = 60, high: int | None = DAY) -> int:
     """Whole seconds from `60`, `1m`, `1h`, `1d` (the config's duration syntax), within [low, high]."""
-    from .config import _duration
+    from ..config import _duration
 
     try:
         seconds = _duration(text)
@@ -939,7 +787,8 @@ def generate_file(
     start: datetime | None = None,
 ) -> PriceSeries:
     """`rebalance backtest generate`: a reproducible scenario written as a prices CSV (atomically)."""
-    from .prices import EXAMPLE_START_PRICES, REGIMES, generate_prices, write_prices
+    from .csvfile import write_prices
+    from .generate import EXAMPLE_START_PRICES, REGIMES, generate_prices
 
     if regime not in REGIMES:
         raise InputError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_DOWN, Decimal
 
-from .errors import InputError
-from .prices import PriceSeries
-from .snapshot import Level, Market
+from ..errors import InputError
+from ..snapshot import Level, Market
+from .series import PriceSeries
 
 _BPS = Decimal("0.0001")
 # volatility is rounded to this before it shapes a book, so that consecutive steps share cached shapes
