@@ -24,6 +24,7 @@ complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l levels -d 'Bo
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l fee -d 'Taker fee, e.g. 0.001 (default - the configs exchange, else 0.001).'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l initial-value -d 'Starting value in quote, at target weights.'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l calendar-period -d 'Period of the calendar policy, e.g. 7d or 30d.'
+complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l risk-aversion -d 'Gamma of the loss L = cost + gamma/2 TE^2 (default - the configs, 5).'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l help -s h -d 'Show help.'
 complete -c rebalance -n '__fish_seen_subcommand_from config-schema' -l help -s h -d 'Show help.'
 complete -c rebalance -n '__fish_seen_subcommand_from daemon' -l config -s c -r -F -d 'Config file or directory of configs; repeatable.'

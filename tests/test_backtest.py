@@ -279,9 +279,21 @@ def test_json_gives_every_figure_of_every_policy_asked(capsys: pytest.CaptureFix
         "initial_value",
         "final_value",
         "final_balances",
+        "certainty_equivalent_loss",
+        "mean_value",
+        "years",
     }
+    assert doc["risk_aversion"] == "5"
     for r in doc["results"]:
         assert set(r) == expected
+        # L(5) = cost / (years * mean value) + 5/2 * TE^2, in bp a year, with its parts
+        loss = r["certainty_equivalent_loss"]
+        cost_bp = D(r["total_cost"]) / (D(r["years"]) * D(r["mean_value"])) * 10_000
+        tracking_bp = D(5) / 2 * D(r["tracking_error"]) ** 2 * 10_000
+        assert abs(D(loss["cost_rate_bp"]) - cost_bp) < D("0.001")
+        assert abs(D(loss["tracking_bp"]) - tracking_bp) < D("0.001")
+        assert abs(D(loss["bp_per_year"]) - D(loss["cost_rate_bp"]) - D(loss["tracking_bp"])) <= D("0.0002")
+        assert set(loss["at"]) == {"1", "20"} and D(loss["at"]["20"]) >= D(loss["at"]["1"])
         # money and ratios are decimal strings, so that no reader rounds them through a float
         assert all(isinstance(r[k], str) and D(r[k]) >= 0 for k in ("turnover", "fees", "total_cost", "tracking_error"))
         assert D(r["total_cost"]) == D(r["fees"]) + D(r["slippage"])

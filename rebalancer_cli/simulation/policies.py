@@ -11,17 +11,21 @@ from typing import Any
 from ..config import Config
 from ..errors import InputError
 from ..planner import (
+    AssetContext,
     CostGate,
     FixedThreshold,
     Policy,
     ThresholdRule,
     ToBandEdge,
+    ToRegionPoint,
     ToTarget,
     VolatilityScaledThreshold,
+    no_trade_region,
     policy_from_config,
 )
 
 ZERO = Decimal(0)
+ONE = Decimal(1)
 DAY = 86_400
 DEFAULT_CALENDAR_SECONDS = 30 * DAY
 DEFAULT_BAND = Decimal("0.05")
@@ -55,8 +59,8 @@ class ScaledThreshold:
     inner: ThresholdRule
     factor: Decimal
 
-    def threshold(self, volatility: Decimal | None) -> Decimal:
-        return self.inner.threshold(volatility) * self.factor
+    def threshold(self, asset: AssetContext) -> Decimal:
+        return self.inner.threshold(asset) * self.factor
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ POLICY_NAMES = (
     "cost-adjusted+hysteresis+cooldown",
     "cost-adjusted-edge",
     "cost-adjusted-edge-half",
+    "no-trade-region",
+    "no-trade-region-edge",
+    "no-trade-region-target",
 )
 
 
@@ -88,13 +95,19 @@ def named_policies(
     calendar_seconds: int = DEFAULT_CALENDAR_SECONDS,
     band: Decimal = DEFAULT_BAND,
     tolerance: Decimal = DEFAULT_TOLERANCE,
+    check_seconds: int | None = None,
 ) -> dict[str, BacktestPolicy]:
-    """Every policy the backtest knows, built on this config's thresholds, hard bands and assets."""
+    """Every policy the backtest knows, built on this config's thresholds, hard bands, risk aversion and
+    assets; no-trade regions are corrected for a check every `check_seconds` (default: the config's interval;
+    a backtest checks at every step of its prices)."""
     if calendar_seconds <= 0:
         raise InputError(f"the calendar period must be above 0 seconds (got {calendar_seconds})")
     if not ZERO < tolerance < band:
         raise InputError(f"the tolerance band ({tolerance}) must be above 0 and inside the trigger band ({band})")
-    live = policy_from_config(config)
+    check = Decimal(check_seconds) if check_seconds is not None else config.interval
+    live = policy_from_config(config, check_seconds=check)
+    gamma = f"gamma {config.risk_aversion.normalize():f}"
+    point = config.region_point
     scaled = VolatilityScaledThreshold(config.base_threshold, config.volatility_factor)
     gate = CostGate(config.safety_margin)
     hysteresis = config.hysteresis or DEFAULT_HYSTERESIS
@@ -152,6 +165,21 @@ def named_policies(
             "cost-adjusted-edge-half",
             Policy(ScaledThreshold(scaled, EDGE_HALF), ToBandEdge(), gate, name="cost-adjusted-edge-half"),
             description=f"cost-adjusted band x{EDGE_HALF}, to its edge (= base_threshold x{EDGE_HALF}, band_edge)",
+        ),
+        "no-trade-region": BacktestPolicy(
+            "no-trade-region",
+            no_trade_region(config, check),
+            description=f"per-asset no-trade regions ({gamma}), to {point.normalize():f} of the half-width",
+        ),
+        "no-trade-region-edge": BacktestPolicy(
+            "no-trade-region-edge",
+            replace(no_trade_region(config, check, name="no-trade-region-edge"), sizing=ToRegionPoint(ONE)),
+            description=f"per-asset no-trade regions ({gamma}), to the region's edge (Leland 2000)",
+        ),
+        "no-trade-region-target": BacktestPolicy(
+            "no-trade-region-target",
+            replace(no_trade_region(config, check, name="no-trade-region-target"), sizing=ToRegionPoint(ZERO)),
+            description=f"per-asset no-trade regions ({gamma}), back to target",
         ),
     }
 

@@ -30,18 +30,23 @@ from ..config import Config, load_config
 from ..errors import InputError, InsufficientFundsError, InvalidOrderError
 from ..exchange.paper import paper_fill
 from ..planner import (
+    AssetContext,
+    NoTradeRegion,
     Plan,
     PlannerState,
     Policy,
+    ThresholdRule,
     needs_book,
     plain,
     plan,
+    portfolio_risk,
 )
-from ..snapshot import Market, Snapshot, load_snapshot
+from ..snapshot import Covariance, Market, Snapshot, load_snapshot
 from .books import BookModel, RollingVolatility
 from .csvfile import load_prices
 from .policies import DEFAULT_CALENDAR_SECONDS, BacktestPolicy, named_policies, select_policies
 from .series import SECONDS_PER_YEAR, PriceSeries
+from .yardstick import SIDE_RISK_AVERSIONS, Loss, certainty_equivalent_loss
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -52,7 +57,17 @@ DAY = 86_400
 SCREEN_EPS = 1e-9
 # Volatility as the live tool sees it: daily returns over the last 30 days (ccxt_exchange.VOLATILITY_DAYS).
 VOLATILITY_DAYS = 30
+# The covariance of the no-trade region: daily log returns of the last 90 days before the step's day (fewer
+# at the start of a history, from 10 on): correlations need more days than a volatility to settle.
+COVARIANCE_DAYS = 90
+COVARIANCE_MIN_DAYS = 10
+# The screen places a no-trade region's trigger with the cost rate cut by this share: within a day the
+# synthetic book's half spread moves only by tick rounding (8 significant digits: under 2e-7 of the mid), which
+# moves k by less than this share whenever k >= REGION_SCREEN_MIN_COST; below that the screen plans every step.
+REGION_SCREEN_SLACK = Decimal("0.001")
+REGION_SCREEN_MIN_COST = Decimal("0.0002")
 DEFAULT_INITIAL_VALUE = Decimal(100_000)
+DEFAULT_RISK_AVERSION = Decimal(5)
 DEFAULT_TAKER_FEE = Decimal("0.001")
 DEFAULT_MIN_NOTIONAL = Decimal(5)
 # A live cycle reads the balances and the best bid/ask of every market (one request each), then one full book
@@ -152,17 +167,18 @@ class Replay:
             values, scale = prices.raw(s)
             unit = 10**scale
             self.floats[s] = [v / unit for v in values]
-        self._day_vol = self._daily_volatility()
+        self._day_vol, self._day_cov = self._daily_risk()
 
     @property
     def steps(self) -> int:
         return len(self.prices)
 
-    def _daily_volatility(self) -> dict[int, dict[str, Decimal | None]]:
-        """Per UTC day: each asset's volatility from the closes of the days before it (no look-ahead).
+    def _daily_risk(self) -> tuple[dict[int, dict[str, Decimal | None]], dict[int, Covariance | None]]:
+        """Per UTC day: each asset's volatility, and the assets' covariance, from the closes of the days
+        before it (no look-ahead).
 
-        The live tool computes it from 30 daily candles and caches it for hours; here it changes once a day,
-        which also keeps every threshold constant within a day.
+        The live tool computes volatility from 30 daily candles and caches it for hours; here it changes once a
+        day, which also keeps every threshold constant within a day.
         """
         ts = self.prices.timestamps
         last_of_day: dict[int, int] = {}
@@ -181,7 +197,17 @@ class Replay:
         out: dict[int, dict[str, Decimal | None]] = {}
         for k, d in enumerate(days):
             out[d] = {s: rollers[s].at(k - 1) if k >= 1 else None for s in self.traded}
-        return out
+        closes = {s: [self.floats[s][last_of_day[d]] for d in days] for s in self.traded}
+        returns = [[math.log(b / a) for a, b in itertools.pairwise(closes[s])] for s in self.traded]
+        covariances: dict[int, Covariance | None] = {}
+        for k, d in enumerate(days):
+            # returns 0..k-2 end at day k-1's close: the last close before day k
+            window = [r[max(0, k - 1 - COVARIANCE_DAYS) : max(0, k - 1)] for r in returns]
+            covariances[d] = trailing_covariance(self.traded, window, COVARIANCE_MIN_DAYS)
+        return out, covariances
+
+    def covariance(self, i: int) -> Covariance | None:
+        return self._day_cov[self.prices.timestamps[i] // DAY]
 
     def volatility(self, i: int) -> dict[str, Decimal | None]:
         return self._day_vol[self.prices.timestamps[i] // DAY]
@@ -217,6 +243,7 @@ class Replay:
             balances=dict(balances),
             markets=markets,
             source=f"backtest:{self.prices.source}#{i}",
+            covariance=self.covariance(i),
         )
 
     def with_books(self, snapshot: Snapshot, i: int, books: Collection[str]) -> Snapshot:
@@ -313,6 +340,8 @@ class BacktestResult:
     mean_drift: Decimal
     max_drift: Decimal
     tracking_error: Decimal
+    mean_value: Decimal
+    years: Decimal
     api_calls: int
     plans: int
     final_balances: Mapping[str, Decimal]
@@ -328,7 +357,18 @@ class BacktestResult:
         """Total cost as a fraction of the starting value."""
         return self.total_cost / self.initial_value
 
-    def to_dict(self) -> dict[str, Any]:
+    def loss(self, risk_aversion: Decimal) -> Loss:
+        """The certainty-equivalent loss L(gamma) of `yardstick`, in bp per year."""
+        return certainty_equivalent_loss(
+            total_cost=self.total_cost,
+            years=self.years,
+            mean_value=self.mean_value,
+            tracking_error=self.tracking_error,
+            risk_aversion=risk_aversion,
+        )
+
+    def to_dict(self, risk_aversion: Decimal = DEFAULT_RISK_AVERSION) -> dict[str, Any]:
+        main = self.loss(risk_aversion)
         return {
             "policy": self.policy,
             "description": self.description,
@@ -343,6 +383,15 @@ class BacktestResult:
             "mean_drift": _ratio(self.mean_drift),
             "max_drift": _ratio(self.max_drift),
             "tracking_error": _ratio(self.tracking_error),
+            "certainty_equivalent_loss": {
+                "risk_aversion": plain(risk_aversion),
+                "bp_per_year": _bp(main.total_bp),
+                "cost_rate_bp": _bp(main.cost_bp),
+                "tracking_bp": _bp(main.tracking_bp),
+                "at": {plain(g): _bp(self.loss(g).total_bp) for g in SIDE_RISK_AVERSIONS},
+            },
+            "mean_value": _money(self.mean_value),
+            "years": _ratio(self.years),
             "api_calls": self.api_calls,
             "plans": self.plans,
             "initial_value": _money(self.initial_value),
@@ -360,6 +409,10 @@ def _money(d: Decimal) -> str:
 
 def _ratio(d: Decimal) -> str:
     return format(d.quantize(_Q, rounding=ROUND_HALF_EVEN), "f")
+
+
+def _bp(d: Decimal) -> str:
+    return format(d.quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN), "f")
 
 
 def _stat(x: float) -> Decimal:
@@ -397,7 +450,7 @@ def run_backtest(
         else Replay(config, prices, book_model=book_model, rules=rules, taker_fee=taker_fee)
     )
     if policy is None:
-        bp = named_policies(config)["config"]
+        bp = named_policies(config, check_seconds=replay.prices.step_seconds)["config"]
     elif isinstance(policy, Policy):
         bp = BacktestPolicy(policy.name, policy)
     else:
@@ -418,6 +471,19 @@ def run_many(
     """Each policy over the same history and market; `progress` counts steps across all of them."""
     replay = prices if isinstance(prices, Replay) else Replay(config, prices, book_model=book_model, rules=rules)
     return [run_backtest(config, replay, policy=p, initial_value=initial_value, progress=progress) for p in policies]
+
+
+def _screen_threshold(rule: ThresholdRule, context: AssetContext) -> Decimal:
+    """The threshold the screen may assume for the rest of the day: the rule's own, except for a no-trade
+    region, whose cost rate comes from each step's book: its width with the cheaper side's k cut by
+    REGION_SCREEN_SLACK, which no step of the day goes below (see REGION_SCREEN_SLACK); 0 when k is too small
+    for that bound to hold, so that every step is planned."""
+    if not isinstance(rule, NoTradeRegion) or context.market is None:
+        return rule.threshold(context)
+    k = min(rule.cost_rate(context.market, "buy"), rule.cost_rate(context.market, "sell"))
+    if k < REGION_SCREEN_MIN_COST:
+        return ZERO
+    return rule.figures(context, cost_rate=k * (ONE - REGION_SCREEN_SLACK)).half_width
 
 
 class _Run:
@@ -464,10 +530,14 @@ class _Run:
         """
         policy = self.policy
         h = policy.hysteresis
-        vols = self.replay.volatility(i)
+        replay = self.replay
+        tops = replay.snapshot(i, self.balances, books=())
+        risk, _source = portfolio_risk(replay.config, tops)
         hard, trigger, cool, rearm = [], [], [], []
         for a in self._assets:
-            threshold = policy.threshold.threshold(vols[a.symbol])
+            market = tops.markets[f"{a.symbol}/{replay.quote}"]
+            context = AssetContext(a.symbol, a.target_weight, ZERO, market, risk.get(a.symbol))
+            threshold = _screen_threshold(policy.threshold, context)
             memory = self.state.of(a.symbol)
             hard.append(float(a.max_deviation) - SCREEN_EPS)
             armed = memory.armed or not h
@@ -508,6 +578,7 @@ class _Run:
         timeline: list[TimelinePoint] = []
         bucket_max = 0.0
         drift_sum = 0.0
+        value_sum = 0.0
         drift_max = 0.0
         te_sum = 0.0
         te_sq = 0.0
@@ -561,6 +632,7 @@ class _Run:
                     value = cash + sum(held[k] * cols[k][i] for k in idx)
                 hard, trigger, cool, rearm = self._limits(i)
             prev_value = value
+            value_sum += value
 
             if i % bucket == bucket - 1 or i == n - 1:
                 timeline.append(TimelinePoint(replay.prices.time(i), bucket_max, self.fees + self.slippage))
@@ -594,6 +666,8 @@ class _Run:
             fees=self.fees,
             slippage=self.slippage,
             mean_drift=_stat(drift_sum / n),
+            mean_value=_stat(value_sum / n),
+            years=Decimal(ts[n - 1] - ts[0]) / SECONDS_PER_YEAR,
             max_drift=_stat(drift_max),
             tracking_error=_stat(te),
             api_calls=self.api_calls,
@@ -678,6 +752,7 @@ class BacktestReport:
     book_model: BookModel
     rules: Mapping[str, MarketRules]
     results: list[BacktestResult]
+    risk_aversion: Decimal = DEFAULT_RISK_AVERSION
 
     def to_dict(self) -> dict[str, Any]:
         p = self.prices
@@ -710,7 +785,8 @@ class BacktestReport:
                     for s, r in self.rules.items()
                 },
             },
-            "results": [r.to_dict() for r in self.results],
+            "risk_aversion": plain(self.risk_aversion),
+            "results": [r.to_dict(self.risk_aversion) for r in self.results],
         }
 
 
@@ -728,22 +804,30 @@ def backtest_files(
     taker_fee: Decimal | None = None,
     initial_value: Decimal = DEFAULT_INITIAL_VALUE,
     calendar_seconds: int = DEFAULT_CALENDAR_SECONDS,
+    risk_aversion: Decimal | None = None,
     progress: Callable[[int], Progress | None] | None = None,
 ) -> BacktestReport:
     """`rebalance backtest`: load and validate both files, pick the policies, run each.
 
+    `risk_aversion` replaces the config's (the yardstick's gamma and the no-trade regions' alike).
     `progress`, when given, is called once with the total number of steps to replay and returns the
     per-step callback (or None), so that a caller can size a progress bar before anything runs.
     """
     config = load_config(config_path)
+    if risk_aversion is not None:
+        config = config.model_copy(update={"risk_aversion": risk_aversion})
     prices = load_prices(prices_path)
-    policies = select_policies(config, policy_names, compare=compare, calendar_seconds=calendar_seconds)
+    policies = select_policies(
+        config, policy_names, compare=compare, calendar_seconds=calendar_seconds, check_seconds=prices.step_seconds
+    )
     model = book_model or BookModel()
     rules = market_rules(config, prices, taker_fee=taker_fee)
     replay = Replay(config, prices, book_model=model, rules=rules)
     tick = progress(len(prices) * len(policies)) if progress is not None else None
     results = run_many(config, replay, policies, initial_value=initial_value, progress=tick)
-    return BacktestReport(str(config_path), config.portfolio_id, replay.quote, prices, model, rules, results)
+    return BacktestReport(
+        str(config_path), config.portfolio_id, replay.quote, prices, model, rules, results, config.risk_aversion
+    )
 
 
 def parse_step(text: str, *, flag: str = "--step", low: int = 60, high: int | None = DAY) -> int:
@@ -833,3 +917,20 @@ def write_chart(report: BacktestReport, path: Path) -> None:
         raise InputError(f"--chart {path}: cannot write: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
+
+
+def trailing_covariance(assets: Sequence[str], returns: Sequence[Sequence[float]], min_days: int) -> Covariance | None:
+    """Sample covariance of daily log returns (one list per asset, aligned); None with fewer than `min_days`."""
+    n = len(returns[0]) if returns else 0
+    if n < max(2, min_days):
+        return None
+    means = [math.fsum(r) / n for r in returns]
+    m = len(returns)
+    matrix = tuple(
+        tuple(
+            math.fsum((returns[a][t] - means[a]) * (returns[b][t] - means[b]) for t in range(n)) / (n - 1)
+            for b in range(m)
+        )
+        for a in range(m)
+    )
+    return Covariance(tuple(assets), matrix, source=f"trailing {n} daily closes")
