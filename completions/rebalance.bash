@@ -15,7 +15,7 @@ _rebalance() {
 _rebalance_words() {
   case "$1" in
     "") subs="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config"; words="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config --help -h"; fileopts="" ;;
-    "backtest") subs="generate"; words="generate --config -c --prices --policy -p --compare --json --chart --spread-bps --depth --levels --fee --initial-value --calendar-period --risk-aversion --help -h"; fileopts="--config -c --prices --chart" ;;
+    "backtest") subs="generate"; words="generate --config -c --prices --policy -p --compare --json --chart --market-model --spread-bps --depth --levels --fee --initial-value --calendar-period --risk-aversion --help -h"; fileopts="--config -c --prices --chart" ;;
     "backtest generate") subs=""; words="--output -o --regime --steps --step --seed --asset --help -h"; fileopts="--output -o" ;;
     "config-schema") subs=""; words="--help -h"; fileopts="" ;;
     "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --processes --otlp-endpoint --help -h"; fileopts="--config -c" ;;

@@ -18,6 +18,7 @@ complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l policy -s p -
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l compare -d 'Replay every known policy side by side.'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l json -d 'Machine-readable JSON on stdout.'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l chart -r -F -d 'Write a PNG of drift and cumulative cost (needs matplotlib).'
+complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l market-model -d 'Synthetic books - sqrt-law (calibrated) or conservative (2 bp, 50,000).'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l spread-bps -d 'Synthetic book spread (default 2).'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l depth -d 'Quote value at the best level of the book (default 50000).'
 complete -c rebalance -n '__fish_seen_subcommand_from backtest' -l levels -d 'Book levels (default 20).'

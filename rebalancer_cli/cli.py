@@ -575,6 +575,10 @@ def backtest_cmd(
     chart: Annotated[
         Path | None, typer.Option("--chart", help="Write a PNG of drift and cumulative cost (needs matplotlib).")
     ] = None,
+    market_model: Annotated[
+        str,
+        typer.Option("--market-model", help="Synthetic books: sqrt-law (calibrated) or conservative (2 bp, 50,000)."),
+    ] = "sqrt-law",
     spread_bps: Annotated[str | None, typer.Option("--spread-bps", help="Synthetic book spread (default 2).")] = None,
     depth: Annotated[
         str | None, typer.Option("--depth", help="Quote value at the best level of the book (default 50000).")
@@ -604,12 +608,12 @@ def backtest_cmd(
 
     from .errors import InputError
     from .simulation import replay as bt
-    from .simulation.books import BookModel
+    from .simulation.books import market_model as book_model
     from .simulation.yardstick import parse_risk_aversion
 
     if config is None or prices is None:
         raise InputError("backtest needs --config FILE and --prices FILE (or a subcommand: generate)")
-    model = BookModel()
+    model = book_model(market_model)
     changes: dict[str, Any] = {}
     if spread_bps is not None:
         changes["spread_bps"] = _decimal_opt("--spread-bps", spread_bps)

@@ -186,6 +186,10 @@ def test_the_screen_never_changes_a_decision() -> None:
         for n in ("config", "cost-adjusted-edge-half", "tolerance-band", "band-edge", "calendar")
     ]
     cases.append((tight, daily, bt.BacktestPolicy("sticky", sticky)))
+    # no-trade regions: their width moves with each step's book, which the screen must allow for
+    cases.append((config, prices, named["no-trade-region-edge"]))
+    tight_named = bt.named_policies(tight, check_seconds=daily.step_seconds)
+    cases += [(tight, daily, tight_named[n]) for n in ("no-trade-region", "no-trade-region-edge")]
     rules = {"BTC": bt.MarketRules(D("0.001"), D("0.00001"), D("5"), "test")}
     held = 0
     for cfg, series, policy in cases:
