@@ -257,7 +257,7 @@ class Config(BaseModel):
         RebalanceTo.TARGET, description="`target`: trade back to target; `band_edge`: only to the band's edge"
     )
     policy: PolicyName = Field(
-        PolicyName.COST_ADJUSTED,
+        PolicyName.NO_TRADE_REGION,
         description="`no-trade-region`: per-asset regions from costs, covariance and risk_aversion; "
         "`cost-adjusted`: the volatility-scaled threshold and cost gate of base_threshold/safety_margin",
     )
