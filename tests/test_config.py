@@ -641,5 +641,6 @@ def test_policy_keys_default_and_are_checked_with_their_line(write: Writer) -> N
     assert any(p.startswith(f"{path}:11:9 policy: ") and "no-trade-region" in p for p in got)
     assert any(p.startswith(f"{path}:12:16 correlations.BTC/USDC: ") and "two different traded" in p for p in got)
     assert any(p.startswith(f"{path}:12:") and "correlations.BTC/ETH: must be between -1 and 1" in p for p in got)
-    good = load_config(write(config_text() + "policy: cost-adjusted\nrisk_aversion: 20\ncorrelations: {BTC/ETH: 0.8}\n"))
+    extra = "policy: cost-adjusted\nrisk_aversion: 20\ncorrelations: {BTC/ETH: 0.8}\n"
+    good = load_config(write(config_text() + extra))
     assert (good.policy.value, good.risk_aversion, good.correlations) == ("cost-adjusted", D(20), {"BTC/ETH": D("0.8")})

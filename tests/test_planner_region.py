@@ -98,9 +98,7 @@ def test_the_covariance_of_the_portfolio_sets_the_width_not_one_volatility() -> 
     # the snapshot's own covariance wins over volatilities and config correlations; it is what a backtest passes
     cov = Covariance(("BTC", "ETH"), ((0.0009, 0.00096), (0.00096, 0.0016)), source="trailing 90 daily closes")
     snap = snapshot(balances, *books)
-    from_snapshot = line(
-        _plan(config(three, **REGION), type(snap)(**{**_fields(snap), "covariance": cov})), "BTC"
-    )
+    from_snapshot = line(_plan(config(three, **REGION), type(snap)(**{**_fields(snap), "covariance": cov})), "BTC")
     assert from_snapshot.region is not None and from_snapshot.region.risk_source == "trailing 90 daily closes"
     assert abs(from_snapshot.threshold - correlated.threshold) < D("1e-9")  # 0.8 * 0.03 * 0.04 = 0.00096
 
