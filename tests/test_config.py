@@ -621,7 +621,7 @@ def test_mutations_of_a_valid_config_raise_only_config_error(scratch: Path, chan
     for where, value in changes:
         if where.isdigit():
             assets = doc["assets"]
-            if isinstance(assets, list) and assets and isinstance(assets[0], dict):
+            if isinstance(assets, list) and assets and isinstance(assets[int(where) % len(assets)], dict):
                 assets[int(where) % len(assets)]["target_weight"] = value
         else:
             doc[where] = value
