@@ -15,9 +15,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rebalancer_cli.backtest import Replay, named_policies, run_backtest
 from rebalancer_cli.config import load_config
-from rebalancer_cli.prices import EXAMPLE_START_PRICES, REGIMES, generate_prices
+from rebalancer_cli.simulation.generate import EXAMPLE_START_PRICES, REGIMES, generate_prices
+from rebalancer_cli.simulation.replay import Replay, named_policies, run_backtest
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_SECONDS = 60.0

@@ -750,7 +750,7 @@ backtest_app = typer.Typer(
 )
 app.add_typer(backtest_app, name="backtest")
 
-# the names of backtest.POLICY_NAMES (a test keeps them equal), for --help without importing the simulation
+# the names of simulation.policies.POLICY_NAMES (a test keeps them equal), for --help without importing the simulation
 POLICY_NAMES = (
     "config",
     "calendar",
@@ -761,6 +761,9 @@ POLICY_NAMES = (
     "cost-adjusted+hysteresis+cooldown",
     "cost-adjusted-edge",
     "cost-adjusted-edge-half",
+    "no-trade-region",
+    "no-trade-region-edge",
+    "no-trade-region-target",
 )
 REGIME_NAMES = ("calm", "trending", "volatile")
 CHART_HINT = (
@@ -826,6 +829,14 @@ def backtest_cmd(
     spread_bps: Annotated[
         str | None, typer.Option("--spread-bps", help="Synthetic book spread (default 2).", metavar="BPS")
     ] = None,
+    market_model: Annotated[
+        str,
+        typer.Option(
+            "--market-model",
+            help="Synthetic books: sqrt-law (calibrated) or conservative (2 bp, 50,000).",
+            metavar="MODEL",
+        ),
+    ] = "sqrt-law",
     depth: Annotated[
         str | None,
         typer.Option("--depth", help="Quote value at the best level of the book (default 50000).", metavar="VALUE"),
@@ -848,6 +859,14 @@ def backtest_cmd(
     ] = "30d",
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
+    risk_aversion: Annotated[
+        str | None,
+        typer.Option(
+            "--risk-aversion",
+            help="Gamma of the loss L = cost + gamma/2 TE^2 (default: the config's, 5).",
+            metavar="GAMMA",
+        ),
+    ] = None,
 ) -> None:
     """Replay a price history through the planner and paper fills; compare policies' cost and drift.
 
@@ -860,16 +879,17 @@ def backtest_cmd(
     import importlib.util
     from dataclasses import replace
 
-    from . import backtest as bt
     from . import render
     from .errors import InputError
-    from .market_model import BookModel
+    from .simulation import replay as bt
+    from .simulation.books import market_model as book_model
+    from .simulation.yardstick import parse_risk_aversion
 
     if config is None or prices is None:
         raise InputError("backtest needs --config FILE and --prices FILE (or a subcommand: generate)")
     if chart is not None and importlib.util.find_spec("matplotlib") is None:
         raise InputError(CHART_HINT)  # before the replay, which can take minutes
-    model = BookModel()
+    model = book_model(market_model)
     changes: dict[str, Any] = {}
     if spread_bps is not None:
         changes["spread_bps"] = _decimal_opt("--spread-bps", spread_bps)
@@ -882,6 +902,7 @@ def backtest_cmd(
     calendar_seconds = bt.parse_step(calendar_period, flag="--calendar-period", low=60, high=None)
     names = list(POLICY_NAMES) if compare else (policy or ["config"])
     feedback = _BacktestFeedback(names) if sys.stderr.isatty() and _Verbosity.level >= 0 else None
+    gamma = parse_risk_aversion(risk_aversion) if risk_aversion is not None else None
 
     try:
         report = bt.backtest_files(
@@ -894,6 +915,7 @@ def backtest_cmd(
             initial_value=_decimal_opt("--initial-value", initial_value),
             calendar_seconds=calendar_seconds,
             progress=feedback.start if feedback else None,
+            risk_aversion=gamma,
         )
         if chart is not None:
             if feedback is not None:
@@ -1014,7 +1036,7 @@ def backtest_generate_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Write reproducible prices: geometric Brownian motion with a volatility regime and jumps."""
-    from . import backtest as bt
+    from .simulation import replay as bt
 
     series = bt.generate_file(
         output,

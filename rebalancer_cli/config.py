@@ -17,7 +17,17 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from . import yamlfile
-from .decimals import BaseThreshold, FeeRate, Fraction, Positive, SafetyMargin, VolatilityFactor, to_decimal
+from .decimals import (
+    BaseThreshold,
+    Correlation,
+    FeeRate,
+    Fraction,
+    Positive,
+    RiskAversion,
+    SafetyMargin,
+    VolatilityFactor,
+    to_decimal,
+)
 from .errors import ConfigError, InvalidFileError, Problem
 
 MAX_CONFIG_BYTES = 1_000_000
@@ -120,6 +130,13 @@ Duration = Annotated[
 class RebalanceTo(StrEnum):
     TARGET = "target"
     BAND_EDGE = "band_edge"
+
+
+class PolicyName(StrEnum):
+    """The rule `plan`, `execute` and the daemon apply (README, "Choosing the default policy")."""
+
+    COST_ADJUSTED = "cost-adjusted"
+    NO_TRADE_REGION = "no-trade-region"
 
 
 class AssetConfig(BaseModel):
@@ -238,6 +255,25 @@ class Config(BaseModel):
     )
     rebalance_to: RebalanceTo = Field(
         RebalanceTo.TARGET, description="`target`: trade back to target; `band_edge`: only to the band's edge"
+    )
+    policy: PolicyName = Field(
+        PolicyName.NO_TRADE_REGION,
+        description="`no-trade-region`: per-asset regions from costs, covariance and risk_aversion; "
+        "`cost-adjusted`: the volatility-scaled threshold and cost gate of base_threshold/safety_margin",
+    )
+    risk_aversion: RiskAversion = Field(
+        Decimal(5),
+        description="Relative risk aversion gamma of the certainty-equivalent loss cost + gamma/2 * TE^2: sizes "
+        "the no-trade regions and is the backtest's yardstick, 0.1..100",
+    )
+    region_point: Fraction = Field(
+        Decimal("0.5"),
+        description="no-trade-region: trade to this fraction of the region's half-width (1 = its edge, 0 = target)",
+    )
+    correlations: dict[str, Correlation] = Field(
+        default_factory=dict,
+        description="no-trade-region, when the snapshot carries no covariance: correlation of daily returns by "
+        "pair, e.g. {BTC/ETH: 0.8}, with each market's volatility; unlisted pairs count as 0",
     )
     max_trade_notional: Positive | None = Field(
         None, description="Guard: refuse any single order above this quote value"
@@ -367,6 +403,20 @@ def _cross_checks(doc: yamlfile.Located) -> list[Problem]:
             )
     elif isinstance(quote, str) and symbols and quote not in symbols:
         problems.append(doc.problem(("quote",), f"quote {quote} must be one of the assets (it is the cash leg)"))
+    correlations = data.get("correlations")
+    if isinstance(correlations, dict):
+        cash = {quote} if isinstance(quote, str) else set(STABLE_OR_FIAT)
+        traded = set(symbols) - cash
+        for pair in correlations:
+            a, sep, b = str(pair).partition("/")
+            if not sep or a == b or a not in traded or b not in traded:
+                problems.append(
+                    doc.problem(
+                        ("correlations", pair),
+                        f"'{pair}' must name two different traded assets as A/B (of {', '.join(sorted(traded))})",
+                        key=True,
+                    )
+                )
     exchange = data.get("exchange")
     if isinstance(exchange, dict) and exchange.get("id", "paper") == "paper" and not exchange.get("snapshot"):
         problems.append(doc.problem(("exchange", "snapshot"), "the paper exchange needs a snapshot file", key=True))

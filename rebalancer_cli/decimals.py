@@ -80,3 +80,7 @@ FeeRate = Ranged("0", "0.1")
 BaseThreshold = Ranged("0.0001", "0.1")
 VolatilityFactor = Ranged("0.1", "2.0")
 SafetyMargin = Ranged("1.0", "5.0")
+# gamma of the certainty-equivalent loss; the CLI's --risk-aversion takes the same range
+RISK_AVERSION_RANGE = ("0.1", "100")
+RiskAversion = Ranged(*RISK_AVERSION_RANGE)
+Correlation = Ranged("-1", "1")

@@ -11,17 +11,18 @@ hysteresis / cooldown -> (only now) walk the book for the cost -> cost gate -> s
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Any, Protocol
 
-from .config import Config, RebalanceTo
+from .config import Config, PolicyName, RebalanceTo
 from .costs import DEFAULT_PRICE_BOUND, CostEstimate, CostModel, worst_acceptable_price
 from .errors import InputError, PlanningError
 from .ids import KeyFactory, new_key
-from .snapshot import Market, Snapshot
+from .snapshot import Covariance, Market, Snapshot
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -38,13 +39,91 @@ NOTHING_TO_SELL = "nothing free to sell"
 NO_QUOTE = "not enough free quote"
 MAX_TRADES = "max trades per cycle"
 NO_IMPROVEMENT = "would not reduce total drift"
+INSIDE_REGION = "inside the no-trade region"
+COST_SHARE_ABSURD = "cost share too high"
+
+# Broadie, Glasserman & Kou (1997): a barrier watched at intervals dt acts like one moved inward by
+# beta * s * sqrt(dt), beta = -zeta(1/2) / sqrt(2 pi) = 0.5826 (the drift overshoots between checks).
+DISCRETE_CHECK_BETA = 0.5826
+# an order that loses more than this share of its notional to fees, spread and impact is not a correction
+DEFAULT_MAX_COST_SHARE = Decimal("0.02")
+_WIDTH_QUANTUM = Decimal("1e-10")
+
+
+# --- what a rule sees of one asset ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssetRisk:
+    """Daily variance rates the no-trade region needs, from the covariance of the portfolio's own assets.
+
+    - `weight_variance` (s_i^2): of asset i's weight while the portfolio sits at target, w_i^2 Var(r_i - r*),
+      with r* = sum_j w_j r_j the target portfolio's return: how fast drift builds up.
+    - `deviation_variance` (sigma_i^2): of the portfolio's return difference against the target per unit of
+      weight deviation of i held against the quote, Var(r_i): what a unit of drift costs in tracking.
+    """
+
+    weight_variance: float
+    deviation_variance: float
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class AssetContext:
+    """One asset as a threshold rule sees it: the screen's numbers, before any book is walked."""
+
+    symbol: str
+    target: Decimal
+    drift: Decimal
+    market: Market | None
+    risk: AssetRisk | None = None
+
+    @property
+    def volatility(self) -> Decimal | None:
+        return self.market.volatility if self.market else None
+
+
+def portfolio_risk(config: Config, snapshot: Snapshot) -> tuple[dict[str, AssetRisk], str]:
+    """Per traded asset, its `AssetRisk`, and where the covariance came from ("" when there is none).
+
+    The covariance is the snapshot's (a backtest's trailing daily closes, or a snapshot file's `covariance`);
+    else each market's daily volatility with the config's `correlations` (unlisted pairs 0); else none, and
+    a region falls back to the one-asset-against-cash width, which needs no covariance.
+    """
+    quote = config.quote_symbol
+    traded = [a for a in config.assets if a.symbol != quote]
+    names = [a.symbol for a in traded]
+    cov: Covariance | None = snapshot.covariance
+    if cov is None or not cov.covers(names):
+        vols = [m.volatility if (m := snapshot.markets.get(f"{s}/{quote}")) else None for s in names]
+        if not names or any(v is None or v <= 0 for v in vols):
+            return {}, ""
+        sd = [float(v) for v in vols if v is not None]
+        corr = {tuple(k.split("/")): float(c) for k, c in config.correlations.items()}
+
+        def rho(a: str, b: str) -> float:
+            return 1.0 if a == b else corr.get((a, b), corr.get((b, a), 0.0))
+
+        matrix = tuple(tuple(rho(a, b) * sd[i] * sd[j] for j, b in enumerate(names)) for i, a in enumerate(names))
+        cov = Covariance(tuple(names), matrix, source="market volatility and config correlations")
+    w = [float(a.target_weight) for a in traded]
+    sigma = [[cov.of(a, b) for b in names] for a in names]
+    sw = [sum(sigma[i][j] * w[j] for j in range(len(w))) for i in range(len(w))]
+    wsw = sum(w[i] * sw[i] for i in range(len(w)))
+    out = {
+        s: AssetRisk(w[i] ** 2 * max(0.0, sigma[i][i] - 2 * sw[i] + wsw), sigma[i][i], cov.source)
+        for i, s in enumerate(names)
+    }
+    return out, cov.source
 
 
 # --- policy pieces ---------------------------------------------------------------------------------
 
 
 class ThresholdRule(Protocol):
-    def threshold(self, volatility: Decimal | None) -> Decimal: ...
+    def threshold(self, asset: AssetContext) -> Decimal:
+        """Half-width of the asset's no-trade band: it may trade once |drift| exceeds it."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +133,8 @@ class VolatilityScaledThreshold:
     base: Decimal
     factor: Decimal
 
-    def threshold(self, volatility: Decimal | None) -> Decimal:
-        return self.base * (ONE + self.factor * (volatility or ZERO))
+    def threshold(self, asset: AssetContext) -> Decimal:
+        return self.base * (ONE + self.factor * (asset.volatility or ZERO))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +143,71 @@ class FixedThreshold:
 
     band: Decimal
 
-    def threshold(self, volatility: Decimal | None) -> Decimal:
+    def threshold(self, asset: AssetContext) -> Decimal:
         return self.band
+
+
+@dataclass(frozen=True, slots=True)
+class RegionFigures:
+    """How a no-trade region was sized, for the plan's asset line."""
+
+    half_width: Decimal
+    uncorrected: Decimal  # the continuous-time width, before the check-interval correction
+    cost_rate: Decimal  # k_i: fee + half spread per unit traded
+    risk_source: str
+
+
+@dataclass(frozen=True, slots=True)
+class NoTradeRegion:
+    """Per-asset no-trade region of the certainty-equivalent objective cost + (gamma/2) * TE^2 (the yardstick
+    of Leland 2000 and Sun et al. 2006, and the objective of Boyd et al. 2017), so that the rule minimizes what
+    the backtest judges it by.
+
+    Half-width delta_i = (3 k_i s_i^2 / (2 gamma sigma_i^2))^(1/3), the small-cost asymptotics of the optimal
+    region (Janecek & Shreve 2004; Rogers 2004; per asset in the multi-asset setting as in Leland 2000), with
+    k_i = fee + half spread, the planner's own cost estimate for one lot at the top of the book; s_i^2 and
+    sigma_i^2 as in `AssetRisk`. Checked every dt instead of continuously, the drift overshoots the region
+    by about 0.5826 s_i sqrt(dt) (Broadie, Glasserman & Kou 1997), so the region is shrunk by that much (never
+    below 0). Without a covariance, s_i^2 / sigma_i^2 = w_i^2 (1 - w_i)^2 (the asset against cash alone,
+    which needs no volatility) and no correction is made.
+    """
+
+    risk_aversion: Decimal
+    check_seconds: Decimal
+    cost_model: CostModel = field(default_factory=CostModel)
+
+    def threshold(self, asset: AssetContext) -> Decimal:
+        return self.figures(asset).half_width
+
+    def cost_rate(self, market: Market, side: str) -> Decimal:
+        """k for `side`: the cost model's estimate for one lot, as a share of its notional."""
+        est = self.cost_model.estimate(market, side, market.amount_step)
+        return est.total / est.notional if est.notional else market.taker_fee
+
+    def figures(self, asset: AssetContext, *, cost_rate: Decimal | None = None) -> RegionFigures:
+        if asset.market is None:
+            return RegionFigures(ZERO, ZERO, ZERO, "")
+        side = "buy" if asset.drift > 0 else "sell"
+        k = self.cost_rate(asset.market, side) if cost_rate is None else cost_rate
+        width, raw = self.half_width(float(k), float(asset.target), asset.risk)
+        return RegionFigures(
+            _decimal(width), _decimal(raw), k, asset.risk.source if asset.risk else "target weight alone"
+        )
+
+    def half_width(self, k: float, target: float, risk: AssetRisk | None) -> tuple[float, float]:
+        """(corrected, uncorrected) half-width; floats, as it is a statistic that only places a boundary."""
+        gamma = float(self.risk_aversion)
+        if risk is None or risk.deviation_variance <= 0:
+            ratio, s2 = (target * (1 - target)) ** 2, 0.0
+        else:
+            ratio, s2 = risk.weight_variance / risk.deviation_variance, risk.weight_variance
+        raw = (3 * k * ratio / (2 * gamma)) ** (1 / 3) if k > 0 and ratio > 0 else 0.0
+        dt_days = float(self.check_seconds) / 86_400
+        return max(0.0, raw - DISCRETE_CHECK_BETA * math.sqrt(s2 * dt_days)), raw
+
+
+def _decimal(x: float) -> Decimal:
+    return Decimal(repr(x)).quantize(_WIDTH_QUANTUM)
 
 
 class Sizing(Protocol):
@@ -90,13 +232,43 @@ class ToBandEdge:
 
 
 @dataclass(frozen=True, slots=True)
+class ToRegionPoint:
+    """Trade to a point inside the no-trade region: `fraction` of its half-width (1 = its edge, Leland's
+    sizing; 0 = the target). A point inside makes each order at least (1 - fraction) of the half-width of the
+    portfolio, so that discrete checks do not turn edge sizing into a stream of dust orders."""
+
+    fraction: Decimal
+
+    def remaining_drift(self, drift: Decimal, threshold: Decimal) -> Decimal:
+        edge = min(threshold * self.fraction, abs(drift))
+        return edge if drift > 0 else -edge
+
+
+class Gate(Protocol):
+    def worth_it(self, drift_value: Decimal, cost: CostEstimate) -> bool:
+        """Whether the sized order is worth sending; hard-band breaches skip the gate."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
 class CostGate:
     """Trade only when the drift's value beats the estimated cost times a safety margin."""
 
     safety_margin: Decimal
 
-    def worth_it(self, drift_value: Decimal, cost: Decimal) -> bool:
-        return drift_value > self.safety_margin * cost
+    def worth_it(self, drift_value: Decimal, cost: CostEstimate) -> bool:
+        return drift_value > self.safety_margin * cost.total
+
+
+@dataclass(frozen=True, slots=True)
+class CostShareGate:
+    """Refuse an order whose estimated cost is an absurd share of its notional (a book far thinner than the
+    region assumed): the region already weighed the usual cost, this catches the unusual one."""
+
+    max_share: Decimal = DEFAULT_MAX_COST_SHARE
+
+    def worth_it(self, drift_value: Decimal, cost: CostEstimate) -> bool:
+        return cost.total <= self.max_share * cost.notional
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,14 +277,30 @@ class Policy:
 
     threshold: ThresholdRule
     sizing: Sizing = ToTarget()
-    gate: CostGate | None = None
+    gate: Gate | None = None
     hysteresis: Decimal = ZERO
     cooldown_seconds: Decimal = ZERO
     cost_model: CostModel = field(default_factory=CostModel)
     name: str = "cost-adjusted"
 
 
-def policy_from_config(config: Config) -> Policy:
+def no_trade_region(config: Config, check_seconds: Decimal, *, name: str = "no-trade-region") -> Policy:
+    """The no-trade-region rule: `NoTradeRegion` thresholds, `ToRegionPoint` sizing, `CostShareGate`.
+
+    The region replaces hysteresis (a trade ends inside it, and the next waits until the drift leaves it
+    again); the config's cooldown still holds an asset after a trade.
+    """
+    return Policy(
+        threshold=NoTradeRegion(config.risk_aversion, check_seconds),
+        sizing=ToRegionPoint(config.region_point),
+        gate=CostShareGate(),
+        cooldown_seconds=config.cooldown,
+        name=name,
+    )
+
+
+def cost_adjusted(config: Config) -> Policy:
+    """The original design's rule: volatility-scaled threshold, cost gate, to target or to the band's edge."""
     return Policy(
         threshold=VolatilityScaledThreshold(config.base_threshold, config.volatility_factor),
         sizing=ToBandEdge() if config.rebalance_to is RebalanceTo.BAND_EDGE else ToTarget(),
@@ -120,6 +308,14 @@ def policy_from_config(config: Config) -> Policy:
         hysteresis=config.hysteresis,
         cooldown_seconds=config.cooldown,
     )
+
+
+def policy_from_config(config: Config, *, check_seconds: Decimal | None = None) -> Policy:
+    """The config's `policy`; regions are corrected for checks every `check_seconds` (default: the
+    daemon's `interval`, which is also what a cron of `plan`/`execute` should use)."""
+    if config.policy is PolicyName.NO_TRADE_REGION:
+        return no_trade_region(config, config.interval if check_seconds is None else check_seconds)
+    return cost_adjusted(config)
 
 
 # --- remembered state (hysteresis, cooldown) -------------------------------------------------------
@@ -197,6 +393,7 @@ class AssetLine:
     # a trade that ends inside the re-arm band (back to target) leaves the asset armed; one that ends at the
     # band's edge (band_edge sizing) disarms it until the drift comes back below threshold * (1 - hysteresis)
     armed_after_trade: bool = True
+    region: RegionFigures | None = None  # how the no-trade region was sized (no-trade-region policy only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +459,7 @@ class Plan:
                     "decision": a.decision,
                     "reason": a.reason,
                     "mid": plain(a.mid),
+                    "region": _region_dict(a.region),
                 }
                 for a in self.assets
             ],
@@ -314,6 +512,7 @@ class Plan:
                     decision=a["decision"],
                     reason=a["reason"],
                     mid=Decimal(a["mid"]),
+                    region=_region_from(a.get("region")),
                 )
                 for a in data["assets"]
             )
@@ -368,6 +567,25 @@ _RATIO = Decimal("1e-8")
 _MONEY = Decimal("1e-8")
 
 
+def _region_dict(r: RegionFigures | None) -> dict[str, str] | None:
+    if r is None:
+        return None
+    return {
+        "half_width": _ratio(r.half_width),
+        "uncorrected_half_width": _ratio(r.uncorrected),
+        "cost_rate": _ratio(r.cost_rate),
+        "risk_source": r.risk_source,
+    }
+
+
+def _region_from(d: Mapping[str, str] | None) -> RegionFigures | None:
+    if d is None:
+        return None
+    return RegionFigures(
+        Decimal(d["half_width"]), Decimal(d["uncorrected_half_width"]), Decimal(d["cost_rate"]), d["risk_source"]
+    )
+
+
 def _ratio(d: Decimal) -> str:
     return format(d.quantize(_RATIO, rounding=ROUND_HALF_EVEN), "f")
 
@@ -417,6 +635,7 @@ class _View:
     rearm: bool = False
     hard: bool = False
     armed_after_trade: bool = True
+    region: RegionFigures | None = None
 
 
 def _views(config: Config, snapshot: Snapshot) -> tuple[list[_View], Decimal]:
@@ -452,10 +671,15 @@ def _views(config: Config, snapshot: Snapshot) -> tuple[list[_View], Decimal]:
     return views, total
 
 
-def _screen(v: _View, policy: Policy, memory: AssetMemory, now: datetime) -> str | None:
+def _screen(v: _View, policy: Policy, memory: AssetMemory, now: datetime, risk: Mapping[str, AssetRisk]) -> str | None:
     """The cheap part of the decision; returns a hold reason, or None when the asset may trade."""
-    vol = v.market.volatility if v.market else None
-    v.threshold = policy.threshold.threshold(vol)
+    context = AssetContext(v.symbol, v.target, v.drift, v.market, risk.get(v.symbol))
+    rule = policy.threshold
+    if isinstance(rule, NoTradeRegion):
+        v.region = rule.figures(context)
+        v.threshold = v.region.half_width
+    else:
+        v.threshold = rule.threshold(context)
     size = abs(v.drift)
     v.hard = size > v.max_deviation
     if policy.hysteresis and size < v.threshold * (ONE - policy.hysteresis):
@@ -464,7 +688,7 @@ def _screen(v: _View, policy: Policy, memory: AssetMemory, now: datetime) -> str
         return None
     trigger = v.threshold * (ONE + policy.hysteresis) if policy.hysteresis else v.threshold
     if size <= trigger:
-        return BELOW_THRESHOLD
+        return INSIDE_REGION if v.region is not None else BELOW_THRESHOLD
     if policy.hysteresis and not memory.armed and not v.rearm:
         return HYSTERESIS
     if policy.cooldown_seconds and memory.last_trade_at is not None:
@@ -490,8 +714,11 @@ def needs_book(
     state = state or PlannerState()
     when = now or snapshot.taken_at
     views, _ = _views(config, snapshot)
+    risk, _source = portfolio_risk(config, snapshot)
     return {
-        v.market.symbol for v in views if v.market is not None and _screen(v, policy, state.of(v.symbol), when) is None
+        v.market.symbol
+        for v in views
+        if v.market is not None and _screen(v, policy, state.of(v.symbol), when, risk) is None
     }
 
 
@@ -512,15 +739,20 @@ def plan(
     views, total = _views(config, snapshot)
     notes: list[str] = []
     candidates: list[_View] = []
+    risk, risk_source = portfolio_risk(config, snapshot)
+    region = isinstance(policy.threshold, NoTradeRegion)
+    if region and not risk_source:
+        notes.append("no covariance or volatility: no-trade regions sized on target weights alone")
 
     for v in views:
         if v.market is None:
             v.reason = IS_QUOTE
-            v.threshold = policy.threshold.threshold(None)
+            if not region:
+                v.threshold = policy.threshold.threshold(AssetContext(v.symbol, v.target, v.drift, None))
             continue
-        if v.market.volatility is None and v.target:
+        if v.market.volatility is None and v.target and not region:
             notes.append(f"{v.symbol}: volatility unknown, counted as 0 (threshold not widened)")
-        hold = _screen(v, policy, state.of(v.symbol), when)
+        hold = _screen(v, policy, state.of(v.symbol), when, risk)
         if hold is not None:
             v.reason = hold
             continue
@@ -528,8 +760,8 @@ def plan(
         if v.reason:
             continue
         assert v.cost is not None
-        if not v.hard and policy.gate is not None and not policy.gate.worth_it(v.drift_value, v.cost.total):
-            v.reason = COST_EXCEEDS_BENEFIT
+        if not v.hard and policy.gate is not None and not policy.gate.worth_it(v.drift_value, v.cost):
+            v.reason = COST_SHARE_ABSURD if isinstance(policy.gate, CostShareGate) else COST_EXCEEDS_BENEFIT
             continue
         candidates.append(v)
 
@@ -560,7 +792,7 @@ def plan(
     for v in ordered:
         assert v.cost is not None and v.market is not None
         v.decision = "trade"
-        v.reason = "hard band breached" if v.hard else "drift above threshold and worth its cost"
+        v.reason = "hard band breached" if v.hard else _trade_reason(v)
         if v.cost.capped:
             v.reason += "; capped at visible book depth"
         trades.append(
@@ -597,6 +829,7 @@ def plan(
             mid=v.mid,
             rearm=v.rearm,
             armed_after_trade=v.armed_after_trade,
+            region=v.region,
         )
         for v in views
     )
@@ -618,6 +851,16 @@ def plan(
         policy=policy.name,
         notes=tuple(notes),
         precision={v.market.symbol: (v.market.amount_step, v.market.price_tick()) for v in ordered if v.market},
+    )
+
+
+def _trade_reason(v: _View) -> str:
+    if v.region is None:
+        return "drift above threshold and worth its cost"
+    assert v.cost is not None
+    return (
+        f"outside the no-trade region: |drift| {abs(v.drift) * 100:.2f}% > {v.threshold * 100:.2f}% "
+        f"(k {v.region.cost_rate * 100:.3f}%)"
     )
 
 

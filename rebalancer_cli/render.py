@@ -381,31 +381,38 @@ def backtest(console: Console, r: Any) -> None:
         f"Backtest of {d['portfolio_id']}: {p['steps']:,} steps of {p['step_seconds']}s, "
         f"{p['start'][:10]} to {p['end'][:10]} ({d['quote']})"
     )
+    gamma = d["risk_aversion"]
     cols = [Col("policy", "left", key=True)] + [
         Col(h)
         for h in (
+            f"L({gamma}) bp/yr",
+            "= cost",
+            "+ tracking",
+            "L(1)/L(20)",
             "trades",
             "turnover",
-            "fees",
-            "slippage",
             "total cost",
             "drift avg",
-            "drift max",
             "TE/yr",
             "API calls",
             "final value",
         )
     ]
+
+    def bp(text: str) -> str:
+        return f"{Decimal(text):,.1f}"
+
     rows = [
         [
             x["policy"],
+            bp(x["certainty_equivalent_loss"]["bp_per_year"]),
+            bp(x["certainty_equivalent_loss"]["cost_rate_bp"]),
+            bp(x["certainty_equivalent_loss"]["tracking_bp"]),
+            f"{bp(x['certainty_equivalent_loss']['at']['1'])}/{bp(x['certainty_equivalent_loss']['at']['20'])}",
             f"{x['trades']:,}",
             money(x["turnover"], 0),
-            money(x["fees"]),
-            money(x["slippage"]),
             money(x["total_cost"]),
             pct(x["mean_drift"]),
-            pct(x["max_drift"]),
             pct(x["tracking_error"]),
             f"{x['api_calls']:,}",
             money(x["final_value"], 0),
@@ -420,4 +427,8 @@ def backtest(console: Console, r: Any) -> None:
         f"book: spread {m['spread_bps']} bps, {m['levels']} levels, {money(m['depth_quote'])} {d['quote']} at the "
         f"best level{sep}taker fee {fees}{sep}drift = sum |target - weight| before trading{sep}TE/yr = "
         "annualized tracking error against the portfolio kept at target"
+    )
+    console.print(
+        f"L = cost/(years x mean value) + gamma/2 x TE^2, bp per year, at gamma {gamma} (the config's "
+        "risk_aversion or --risk-aversion) and beside it at 1 and 20: lower is better"
     )

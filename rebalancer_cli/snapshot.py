@@ -7,7 +7,7 @@ replayed (`plan --snapshot`), which makes every decision reproducible for an inc
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from . import yamlfile
-from .decimals import FeeRate, NonNegative, Positive, to_decimal
+from .decimals import AnyDecimal, FeeRate, NonNegative, Positive, to_decimal
 from .errors import InvalidFileError, SnapshotError
 
 Level = tuple[Decimal, Decimal]
@@ -66,6 +66,30 @@ class Market:
 
 
 @dataclass(frozen=True, slots=True)
+class Covariance:
+    """Covariance of the assets' daily log returns against the quote, from trailing daily closes.
+
+    A statistic, so floats: it sizes no-trade regions, never an amount that is sent or booked. `assets` names
+    the rows and columns of `matrix` (symmetric). `source` says where it came from, for the plan's notes.
+    """
+
+    assets: tuple[str, ...]
+    matrix: tuple[tuple[float, ...], ...]
+    source: str = "snapshot"
+
+    def __post_init__(self) -> None:
+        n = len(self.assets)
+        if len(self.matrix) != n or any(len(row) != n for row in self.matrix):
+            raise ValueError(f"covariance of {n} assets needs a {n}x{n} matrix")
+
+    def of(self, a: str, b: str) -> float:
+        return self.matrix[self.assets.index(a)][self.assets.index(b)]
+
+    def covers(self, symbols: Sequence[str]) -> bool:
+        return all(s in self.assets for s in symbols)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     taken_at: datetime
     balances: Mapping[str, Decimal]
@@ -74,6 +98,8 @@ class Snapshot:
     # seconds between the first and last read that built this picture (0 for a file)
     skew_seconds: float = 0.0
     source: str = "file"
+    # daily covariance of the traded assets' returns, when the source has one (backtests, snapshot files)
+    covariance: Covariance | None = None
 
     def market_for(self, base: str, quote: str) -> Market | None:
         return self.markets.get(f"{base}/{quote}")
@@ -153,6 +179,28 @@ class SnapshotFile(BaseModel):
     balances: dict[str, NonNegative] = Field(description="Free balance per asset")
     locked: dict[str, NonNegative] = Field(default_factory=dict, description="Balance held in open orders")
     markets: dict[MarketKey, MarketFile] = Field(description="Markets by BASE/QUOTE symbol")
+    covariance: dict[str, dict[str, AnyDecimal]] | None = Field(
+        None,
+        description="Daily covariance of the assets' log returns, by base asset: {BTC: {BTC: 0.0011, ETH: 0.0012}, "
+        "ETH: {ETH: 0.0019}}; either triangle is enough. Sizes the no-trade-region policy's regions",
+    )
+
+    @field_validator("covariance")
+    @classmethod
+    def _covariance_complete(cls, v: dict[str, dict[str, Decimal]] | None) -> dict[str, dict[str, Decimal]] | None:
+        if v is None:
+            return v
+        assets = sorted({a for a in v} | {b for row in v.values() for b in row})
+        for a in assets:
+            for b in assets:
+                x, y = v.get(a, {}).get(b), v.get(b, {}).get(a)
+                if x is None and y is None:
+                    raise ValueError(f"covariance of {a} and {b} is missing")
+                if x is not None and y is not None and x != y:
+                    raise ValueError(f"covariance is not symmetric: {a}/{b} is {x} but {b}/{a} is {y}")
+            if (v.get(a, {}).get(a) or Decimal(0)) <= 0:
+                raise ValueError(f"variance of {a} must be above 0")
+        return v
 
     @field_validator("taken_at", mode="before")
     @classmethod
@@ -187,12 +235,20 @@ def from_file_model(model: SnapshotFile, source: str = "file") -> Snapshot:
             fee_source=m.fee_source,
             price_step=m.price_step,
         )
+    covariance = None
+    if model.covariance is not None:
+        cov = model.covariance
+        names = tuple(sorted({a for a in cov} | {b for row in cov.values() for b in row}))
+        cell = {(a, b): float(x) for a, row in cov.items() for b, x in row.items()}
+        matrix = tuple(tuple(cell.get((a, b), cell.get((b, a), 0.0)) for b in names) for a in names)
+        covariance = Covariance(names, matrix, source=f"snapshot {source}")
     return Snapshot(
         taken_at=model.taken_at,
         balances=dict(model.balances),
         markets=markets,
         locked=dict(model.locked),
         source=source,
+        covariance=covariance,
     )
 
 
@@ -233,6 +289,11 @@ def to_document(snapshot: Snapshot) -> dict[str, Any]:
             entry["price_step"] = str(m.price_step)
         markets[symbol] = entry
     doc["markets"] = markets
+    cov = snapshot.covariance
+    if cov is not None:
+        doc["covariance"] = {
+            a: {b: repr(cov.matrix[i][j]) for j, b in enumerate(cov.assets) if j >= i} for i, a in enumerate(cov.assets)
+        }
     return doc
 
 

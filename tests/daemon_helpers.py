@@ -102,6 +102,7 @@ def pair_config(
         "volatility_factor: 0.5",
         "safety_margin: 1.5",
         "max_trades_per_cycle: 10",
+        "policy: cost-adjusted",  # the trades these tests expect come from the original rule
         f"quote: {q}",
         "assets:",
         f'  - {{symbol: "{a}", target_weight: {weights[0]}, max_deviation: {max_deviation}}}',

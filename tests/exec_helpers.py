@@ -77,6 +77,7 @@ def write_config(
         "volatility_factor: 0.5",
         "safety_margin: 1.5",
         "max_trades_per_cycle: 10",
+        "policy: cost-adjusted",  # the trades these tests expect come from the original rule
         "assets:",
         *(f'  - {{symbol: "{s}", target_weight: {w}, max_deviation: {m}}}' for s, w, m in targets),
         f"exchange: {json.dumps(exchange)}",

@@ -24,6 +24,8 @@ def config(assets: Sequence[tuple[str, str, str]], **kw: Any) -> Config:
         "max_trades_per_cycle": 10,
         "assets": [{"symbol": s, "target_weight": D(w), "max_deviation": D(m)} for s, w, m in assets],
         "exchange": {"id": "paper", "snapshot": "unused.yaml"},
+        # these tests check the cost-adjusted rule's arithmetic; test_planner_region.py checks the default's
+        "policy": "cost-adjusted",
     }
     data.update(kw)
     cfg = Config.model_validate(data)

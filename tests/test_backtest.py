@@ -13,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from rebalancer_cli import backtest as bt
 from rebalancer_cli.cli import main
 from rebalancer_cli.config import Config, load_config
-from rebalancer_cli.market_model import BookModel
 from rebalancer_cli.planner import FixedThreshold, Policy, ToTarget, needs_book, plan
-from rebalancer_cli.prices import REGIMES, PriceSeries, generate_prices, load_prices
+from rebalancer_cli.simulation import replay as bt
+from rebalancer_cli.simulation.books import BookModel
+from rebalancer_cli.simulation.csvfile import load_prices
+from rebalancer_cli.simulation.generate import REGIMES, generate_prices
+from rebalancer_cli.simulation.series import PriceSeries
 
 ROOT = Path(__file__).resolve().parent.parent
 TREASURY = ROOT / "examples" / "treasury.yaml"
@@ -184,6 +186,10 @@ def test_the_screen_never_changes_a_decision() -> None:
         for n in ("config", "cost-adjusted-edge-half", "tolerance-band", "band-edge", "calendar")
     ]
     cases.append((tight, daily, bt.BacktestPolicy("sticky", sticky)))
+    # no-trade regions: their width moves with each step's book, which the screen must allow for
+    cases.append((config, prices, named["no-trade-region-edge"]))
+    tight_named = bt.named_policies(tight, check_seconds=daily.step_seconds)
+    cases += [(tight, daily, tight_named[n]) for n in ("no-trade-region", "no-trade-region-edge")]
     rules = {"BTC": bt.MarketRules(D("0.001"), D("0.00001"), D("5"), "test")}
     held = 0
     for cfg, series, policy in cases:
@@ -277,9 +283,21 @@ def test_json_gives_every_figure_of_every_policy_asked(capsys: pytest.CaptureFix
         "initial_value",
         "final_value",
         "final_balances",
+        "certainty_equivalent_loss",
+        "mean_value",
+        "years",
     }
+    assert doc["risk_aversion"] == "5"
     for r in doc["results"]:
         assert set(r) == expected
+        # L(5) = cost / (years * mean value) + 5/2 * TE^2, in bp a year, with its parts
+        loss = r["certainty_equivalent_loss"]
+        cost_bp = D(r["total_cost"]) / (D(r["years"]) * D(r["mean_value"])) * 10_000
+        tracking_bp = D(5) / 2 * D(r["tracking_error"]) ** 2 * 10_000
+        assert abs(D(loss["cost_rate_bp"]) - cost_bp) < D("0.001")
+        assert abs(D(loss["tracking_bp"]) - tracking_bp) < D("0.001")
+        assert abs(D(loss["bp_per_year"]) - D(loss["cost_rate_bp"]) - D(loss["tracking_bp"])) <= D("0.0002")
+        assert set(loss["at"]) == {"1", "20"} and D(loss["at"]["20"]) >= D(loss["at"]["1"])
         # money and ratios are decimal strings, so that no reader rounds them through a float
         assert all(isinstance(r[k], str) and D(r[k]) >= 0 for k in ("turnover", "fees", "total_cost", "tracking_error"))
         assert D(r["total_cost"]) == D(r["fees"]) + D(r["slippage"])

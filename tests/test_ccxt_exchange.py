@@ -89,6 +89,7 @@ base_threshold: 0.001
 volatility_factor: 0.5
 safety_margin: 1.5
 max_trades_per_cycle: 10
+policy: cost-adjusted  # its trades go to target whatever the (emulator's candle-based) volatility
 hysteresis: 0.2
 cooldown: 15m
 assets:

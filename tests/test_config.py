@@ -621,8 +621,26 @@ def test_mutations_of_a_valid_config_raise_only_config_error(scratch: Path, chan
     for where, value in changes:
         if where.isdigit():
             assets = doc["assets"]
-            if isinstance(assets, list) and assets and isinstance(assets[0], dict):
+            if isinstance(assets, list) and assets and isinstance(assets[int(where) % len(assets)], dict):
                 assets[int(where) % len(assets)]["target_weight"] = value
         else:
             doc[where] = value
     _load_or_config_error(scratch, yaml.safe_dump(doc, allow_unicode=True).encode())
+
+
+# --- the no-trade-region policy's keys ------------------------------------------------------------------
+
+
+def test_policy_keys_default_and_are_checked_with_their_line(write: Writer) -> None:
+    cfg = load_config(write(config_text()))
+    assert (cfg.risk_aversion, cfg.region_point, cfg.correlations) == (D(5), D("0.5"), {})
+    text = config_text() + "risk_aversion: 0\npolicy: lowest-cost\ncorrelations: {BTC/USDC: 0.5, BTC/ETH: 1.5}\n"
+    path = write(text)
+    got = rendered(path)
+    assert f"{path}:10:16 risk_aversion: must be between 0.1 and 100 (got 0)" in got
+    assert any(p.startswith(f"{path}:11:9 policy: ") and "no-trade-region" in p for p in got)
+    assert any(p.startswith(f"{path}:12:16 correlations.BTC/USDC: ") and "two different traded" in p for p in got)
+    assert any(p.startswith(f"{path}:12:") and "correlations.BTC/ETH: must be between -1 and 1" in p for p in got)
+    extra = "policy: cost-adjusted\nrisk_aversion: 20\ncorrelations: {BTC/ETH: 0.8}\n"
+    good = load_config(write(config_text() + extra))
+    assert (good.policy.value, good.risk_aversion, good.correlations) == ("cost-adjusted", D(20), {"BTC/ETH": D("0.8")})

@@ -114,6 +114,7 @@ def btc_config(path: Path, pid: str, snapshot: str, **extra: Any) -> Path:
         "volatility_factor: 0.1",
         "safety_margin: 1.0",
         "max_trades_per_cycle: 10",
+        "policy: cost-adjusted",  # the trades these tests expect come from the original rule
         "assets:",
         '  - {symbol: "BTC", target_weight: 0.5, max_deviation: 0.2}',
         '  - {symbol: "USDC", target_weight: 0.5, max_deviation: 0.2}',

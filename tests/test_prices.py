@@ -10,19 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from rebalancer_cli import prices
 from rebalancer_cli.errors import InputError, PricesError
-from rebalancer_cli.market_model import BookModel, RollingVolatility, realized_volatility
-from rebalancer_cli.prices import (
-    REGIMES,
-    PriceSeries,
-    Regime,
-    dump_prices,
-    example_prices,
-    generate_prices,
-    load_prices,
-    write_prices,
-)
+from rebalancer_cli.simulation import csvfile
+from rebalancer_cli.simulation.books import BookModel, RollingVolatility, realized_volatility
+from rebalancer_cli.simulation.csvfile import dump_prices, load_prices, write_prices
+from rebalancer_cli.simulation.generate import REGIMES, Regime, example_prices, generate_prices
+from rebalancer_cli.simulation.series import PriceSeries
 from rebalancer_cli.snapshot import Market, Snapshot, load_snapshot, save_snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,7 +273,7 @@ def test_reading_in_chunks_changes_neither_the_prices_nor_the_located_problems(
     bad_rows[120] = bad_rows[119]
     bad = write(tmp_path, "timestamp,BTC,ETH\n" + "\n".join(bad_rows) + "\n", "bad.csv")
     whole, whole_problems = load_prices(good), problems(bad)
-    monkeypatch.setattr(prices, "_CHUNK_CHARS", 70)
+    monkeypatch.setattr(csvfile, "_CHUNK_CHARS", 70)
     chunked = load_prices(good)
     assert chunked.timestamps == whole.timestamps
     assert [chunked.row(i) for i in range(len(chunked))] == [whole.row(i) for i in range(len(whole))]

@@ -298,16 +298,17 @@ def test_version_json_everywhere_and_atomic_output(run_at: Any, tmp_path: Path, 
 
 
 def test_help_shows_no_python_types_and_backtest_help_lists_the_policies(capsys: pytest.CaptureFixture[str]) -> None:
-    from rebalancer_cli import backtest, cli, prices
+    from rebalancer_cli import cli
+    from rebalancer_cli.simulation import generate, policies
 
-    assert cli.POLICY_NAMES == backtest.POLICY_NAMES and set(cli.REGIME_NAMES) == set(prices.REGIMES)
+    assert cli.POLICY_NAMES == policies.POLICY_NAMES and set(cli.REGIME_NAMES) == set(generate.REGIMES)
     for path in (["plan"], ["daemon"], ["execute"], ["backtest"]):
         with pytest.raises(SystemExit):
             main([*path, "--help"])
         out = capsys.readouterr().out
         assert "<bool>" not in out and "list[" not in out, out
         if path == ["backtest"]:
-            assert all(name in " ".join(out.split()) for name in backtest.POLICY_NAMES), out
+            assert all(name in " ".join(out.split()) for name in policies.POLICY_NAMES), out
 
 
 def test_chart_without_matplotlib_says_the_local_install_before_running(
@@ -315,7 +316,7 @@ def test_chart_without_matplotlib_says_the_local_install_before_running(
 ) -> None:
     import importlib.util
 
-    from rebalancer_cli import backtest
+    from rebalancer_cli.simulation import replay as backtest
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))

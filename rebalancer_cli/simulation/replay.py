@@ -26,27 +26,27 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config
-from .errors import InputError, InsufficientFundsError, InvalidOrderError
-from .exchange.paper import paper_fill
-from .market_model import BookModel, RollingVolatility
-from .planner import (
-    CostGate,
-    FixedThreshold,
+from ..config import Config, load_config
+from ..errors import InputError, InsufficientFundsError, InvalidOrderError
+from ..exchange.paper import paper_fill
+from ..planner import (
+    AssetContext,
+    NoTradeRegion,
     Plan,
     PlannerState,
     Policy,
     ThresholdRule,
-    ToBandEdge,
-    ToTarget,
-    VolatilityScaledThreshold,
     needs_book,
     plain,
     plan,
-    policy_from_config,
+    portfolio_risk,
 )
-from .prices import SECONDS_PER_YEAR, PriceSeries, load_prices
-from .snapshot import Market, Snapshot, load_snapshot
+from ..snapshot import Covariance, Market, Snapshot, load_snapshot
+from .books import BookModel, RollingVolatility
+from .csvfile import load_prices
+from .policies import DEFAULT_CALENDAR_SECONDS, BacktestPolicy, named_policies, select_policies
+from .series import SECONDS_PER_YEAR, PriceSeries
+from .yardstick import SIDE_RISK_AVERSIONS, Loss, certainty_equivalent_loss
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -57,17 +57,19 @@ DAY = 86_400
 SCREEN_EPS = 1e-9
 # Volatility as the live tool sees it: daily returns over the last 30 days (ccxt_exchange.VOLATILITY_DAYS).
 VOLATILITY_DAYS = 30
+# The covariance of the no-trade region: daily log returns of the last 90 days before the step's day (fewer
+# at the start of a history, from 10 on): correlations need more days than a volatility to settle.
+COVARIANCE_DAYS = 90
+COVARIANCE_MIN_DAYS = 10
+# The screen places a no-trade region's trigger with the cost rate cut by this share: within a day the
+# synthetic book's half spread moves only by tick rounding (8 significant digits: under 2e-7 of the mid), which
+# moves k by less than this share whenever k >= REGION_SCREEN_MIN_COST; below that the screen plans every step.
+REGION_SCREEN_SLACK = Decimal("0.001")
+REGION_SCREEN_MIN_COST = Decimal("0.0002")
 DEFAULT_INITIAL_VALUE = Decimal(100_000)
+DEFAULT_RISK_AVERSION = Decimal(5)
 DEFAULT_TAKER_FEE = Decimal("0.001")
 DEFAULT_MIN_NOTIONAL = Decimal(5)
-DEFAULT_CALENDAR_SECONDS = 30 * DAY
-DEFAULT_BAND = Decimal("0.05")
-DEFAULT_TOLERANCE = Decimal("0.02")
-# used by the hysteresis + cooldown policy when the config sets neither (the values of examples/treasury.yaml)
-DEFAULT_HYSTERESIS = Decimal("0.2")
-DEFAULT_COOLDOWN_SECONDS = Decimal(900)
-# the band of `cost-adjusted-edge-half`, as a fraction of the cost-adjusted threshold
-EDGE_HALF = Decimal("0.5")
 # A live cycle reads the balances and the best bid/ask of every market (one request each), then one full book
 # per market the planner's screen passes, one request per order, and the balances again after executing.
 IDLE_CALLS = 2
@@ -76,145 +78,6 @@ TIMELINE_POINTS = 2_000
 PROGRESS_EVERY = 16_384
 
 Progress = Callable[[int], None]
-
-
-# --- policies ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ToTolerance:
-    """Trade back only to a tolerance band inside the trigger band (Daryanani 2008): less turnover than going
-    to target, less drift than stopping at the trigger's edge."""
-
-    tolerance: Decimal
-
-    def remaining_drift(self, drift: Decimal, threshold: Decimal) -> Decimal:
-        edge = min(self.tolerance, threshold, abs(drift))
-        return edge if drift > 0 else -edge
-
-
-@dataclass(frozen=True, slots=True)
-class ScaledThreshold:
-    """Another rule's threshold times a factor: the same volatility response with a tighter or wider band."""
-
-    inner: ThresholdRule
-    factor: Decimal
-
-    def threshold(self, volatility: Decimal | None) -> Decimal:
-        return self.inner.threshold(volatility) * self.factor
-
-
-@dataclass(frozen=True)
-class BacktestPolicy:
-    """A planner policy and when the live tool would look: every step, or only every `every_seconds`."""
-
-    name: str
-    policy: Policy
-    every_seconds: int | None = None
-    description: str = ""
-
-
-POLICY_NAMES = (
-    "config",
-    "calendar",
-    "band",
-    "band-edge",
-    "tolerance-band",
-    "cost-adjusted",
-    "cost-adjusted+hysteresis+cooldown",
-    "cost-adjusted-edge",
-    "cost-adjusted-edge-half",
-)
-
-
-def named_policies(
-    config: Config,
-    *,
-    calendar_seconds: int = DEFAULT_CALENDAR_SECONDS,
-    band: Decimal = DEFAULT_BAND,
-    tolerance: Decimal = DEFAULT_TOLERANCE,
-) -> dict[str, BacktestPolicy]:
-    """Every policy the backtest knows, built on this config's thresholds, hard bands and assets."""
-    if calendar_seconds <= 0:
-        raise InputError(f"the calendar period must be above 0 seconds (got {calendar_seconds})")
-    if not ZERO < tolerance < band:
-        raise InputError(f"the tolerance band ({tolerance}) must be above 0 and inside the trigger band ({band})")
-    live = policy_from_config(config)
-    scaled = VolatilityScaledThreshold(config.base_threshold, config.volatility_factor)
-    gate = CostGate(config.safety_margin)
-    hysteresis = config.hysteresis or DEFAULT_HYSTERESIS
-    cooldown = config.cooldown or DEFAULT_COOLDOWN_SECONDS
-    pct = f"{(band * 100).normalize():f} pp"
-    days = f"{calendar_seconds / DAY:g} days"
-    return {
-        "config": BacktestPolicy("config", _named(live, "config"), description="this config's rule, as live"),
-        "calendar": BacktestPolicy(
-            "calendar",
-            Policy(FixedThreshold(ZERO), ToTarget(), None, name="calendar"),
-            every_seconds=calendar_seconds,
-            description=f"back to target every {days}, no cost gate",
-        ),
-        "band": BacktestPolicy(
-            "band", Policy(FixedThreshold(band), ToTarget(), None, name="band"), description=f"{pct} band, to target"
-        ),
-        "band-edge": BacktestPolicy(
-            "band-edge",
-            Policy(FixedThreshold(band), ToBandEdge(), None, name="band-edge"),
-            description=f"{pct} band, to its edge (Leland 1996)",
-        ),
-        "tolerance-band": BacktestPolicy(
-            "tolerance-band",
-            Policy(FixedThreshold(band), ToTolerance(tolerance), None, name="tolerance-band"),
-            description=f"{pct} trigger, back to {(tolerance * 100).normalize():f} pp (Daryanani 2008)",
-        ),
-        "cost-adjusted": BacktestPolicy(
-            "cost-adjusted",
-            Policy(scaled, ToTarget(), gate, name="cost-adjusted"),
-            description="volatility-scaled threshold + cost gate, to target",
-        ),
-        "cost-adjusted+hysteresis+cooldown": BacktestPolicy(
-            "cost-adjusted+hysteresis+cooldown",
-            Policy(
-                scaled,
-                ToTarget(),
-                gate,
-                hysteresis=hysteresis,
-                cooldown_seconds=cooldown,
-                name="cost-adjusted+hysteresis+cooldown",
-            ),
-            description=f"cost-adjusted, hysteresis {hysteresis}, cooldown {cooldown}s",
-        ),
-        "cost-adjusted-edge": BacktestPolicy(
-            "cost-adjusted-edge",
-            Policy(scaled, ToBandEdge(), gate, name="cost-adjusted-edge"),
-            description="cost-adjusted, to the band's edge",
-        ),
-        # Leland's edge sizing leaves the drift at the band's edge where going to target leaves none; in
-        # continuous time a band 1/sqrt(2) as wide gives the same drift variance with ~30% less turnover.
-        # Checks come at intervals, so the drift overshoots the band between them: half the band keeps the
-        # tracking error at or below cost-adjusted's on minute checks (README, "Choosing the default policy").
-        "cost-adjusted-edge-half": BacktestPolicy(
-            "cost-adjusted-edge-half",
-            Policy(ScaledThreshold(scaled, EDGE_HALF), ToBandEdge(), gate, name="cost-adjusted-edge-half"),
-            description=f"cost-adjusted band x{EDGE_HALF}, to its edge (= base_threshold x{EDGE_HALF}, band_edge)",
-        ),
-    }
-
-
-def _named(policy: Policy, name: str) -> Policy:
-    return replace(policy, name=name)
-
-
-def select_policies(config: Config, names: Sequence[str], *, compare: bool = False, **kw: Any) -> list[BacktestPolicy]:
-    """The policies asked for by name, in the order given (all of them with `compare`); default: the config's."""
-    known = named_policies(config, **kw)
-    if compare:
-        return list(known.values())
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise InputError(f"unknown policy {', '.join(unknown)}; known: {', '.join(POLICY_NAMES)}")
-    chosen = list(dict.fromkeys(names)) or ["config"]
-    return [known[n] for n in chosen]
 
 
 # --- the market the replay trades in ----------------------------------------------------------------------
@@ -304,17 +167,18 @@ class Replay:
             values, scale = prices.raw(s)
             unit = 10**scale
             self.floats[s] = [v / unit for v in values]
-        self._day_vol = self._daily_volatility()
+        self._day_vol, self._day_cov = self._daily_risk()
 
     @property
     def steps(self) -> int:
         return len(self.prices)
 
-    def _daily_volatility(self) -> dict[int, dict[str, Decimal | None]]:
-        """Per UTC day: each asset's volatility from the closes of the days before it (no look-ahead).
+    def _daily_risk(self) -> tuple[dict[int, dict[str, Decimal | None]], dict[int, Covariance | None]]:
+        """Per UTC day: each asset's volatility, and the assets' covariance, from the closes of the days
+        before it (no look-ahead).
 
-        The live tool computes it from 30 daily candles and caches it for hours; here it changes once a day,
-        which also keeps every threshold constant within a day.
+        The live tool computes volatility from 30 daily candles and caches it for hours; here it changes once a
+        day, which also keeps every threshold constant within a day.
         """
         ts = self.prices.timestamps
         last_of_day: dict[int, int] = {}
@@ -333,7 +197,17 @@ class Replay:
         out: dict[int, dict[str, Decimal | None]] = {}
         for k, d in enumerate(days):
             out[d] = {s: rollers[s].at(k - 1) if k >= 1 else None for s in self.traded}
-        return out
+        closes = {s: [self.floats[s][last_of_day[d]] for d in days] for s in self.traded}
+        returns = [[math.log(b / a) for a, b in itertools.pairwise(closes[s])] for s in self.traded]
+        covariances: dict[int, Covariance | None] = {}
+        for k, d in enumerate(days):
+            # returns 0..k-2 end at day k-1's close: the last close before day k
+            window = [r[max(0, k - 1 - COVARIANCE_DAYS) : max(0, k - 1)] for r in returns]
+            covariances[d] = trailing_covariance(self.traded, window, COVARIANCE_MIN_DAYS)
+        return out, covariances
+
+    def covariance(self, i: int) -> Covariance | None:
+        return self._day_cov[self.prices.timestamps[i] // DAY]
 
     def volatility(self, i: int) -> dict[str, Decimal | None]:
         return self._day_vol[self.prices.timestamps[i] // DAY]
@@ -369,6 +243,7 @@ class Replay:
             balances=dict(balances),
             markets=markets,
             source=f"backtest:{self.prices.source}#{i}",
+            covariance=self.covariance(i),
         )
 
     def with_books(self, snapshot: Snapshot, i: int, books: Collection[str]) -> Snapshot:
@@ -465,6 +340,8 @@ class BacktestResult:
     mean_drift: Decimal
     max_drift: Decimal
     tracking_error: Decimal
+    mean_value: Decimal
+    years: Decimal
     api_calls: int
     plans: int
     final_balances: Mapping[str, Decimal]
@@ -480,7 +357,18 @@ class BacktestResult:
         """Total cost as a fraction of the starting value."""
         return self.total_cost / self.initial_value
 
-    def to_dict(self) -> dict[str, Any]:
+    def loss(self, risk_aversion: Decimal) -> Loss:
+        """The certainty-equivalent loss L(gamma) of `yardstick`, in bp per year."""
+        return certainty_equivalent_loss(
+            total_cost=self.total_cost,
+            years=self.years,
+            mean_value=self.mean_value,
+            tracking_error=self.tracking_error,
+            risk_aversion=risk_aversion,
+        )
+
+    def to_dict(self, risk_aversion: Decimal = DEFAULT_RISK_AVERSION) -> dict[str, Any]:
+        main = self.loss(risk_aversion)
         return {
             "policy": self.policy,
             "description": self.description,
@@ -495,6 +383,15 @@ class BacktestResult:
             "mean_drift": _ratio(self.mean_drift),
             "max_drift": _ratio(self.max_drift),
             "tracking_error": _ratio(self.tracking_error),
+            "certainty_equivalent_loss": {
+                "risk_aversion": plain(risk_aversion),
+                "bp_per_year": _bp(main.total_bp),
+                "cost_rate_bp": _bp(main.cost_bp),
+                "tracking_bp": _bp(main.tracking_bp),
+                "at": {plain(g): _bp(self.loss(g).total_bp) for g in SIDE_RISK_AVERSIONS},
+            },
+            "mean_value": _money(self.mean_value),
+            "years": _ratio(self.years),
             "api_calls": self.api_calls,
             "plans": self.plans,
             "initial_value": _money(self.initial_value),
@@ -512,6 +409,10 @@ def _money(d: Decimal) -> str:
 
 def _ratio(d: Decimal) -> str:
     return format(d.quantize(_Q, rounding=ROUND_HALF_EVEN), "f")
+
+
+def _bp(d: Decimal) -> str:
+    return format(d.quantize(Decimal("0.0001"), rounding=ROUND_HALF_EVEN), "f")
 
 
 def _stat(x: float) -> Decimal:
@@ -549,7 +450,7 @@ def run_backtest(
         else Replay(config, prices, book_model=book_model, rules=rules, taker_fee=taker_fee)
     )
     if policy is None:
-        bp = named_policies(config)["config"]
+        bp = named_policies(config, check_seconds=replay.prices.step_seconds)["config"]
     elif isinstance(policy, Policy):
         bp = BacktestPolicy(policy.name, policy)
     else:
@@ -570,6 +471,19 @@ def run_many(
     """Each policy over the same history and market; `progress` counts steps across all of them."""
     replay = prices if isinstance(prices, Replay) else Replay(config, prices, book_model=book_model, rules=rules)
     return [run_backtest(config, replay, policy=p, initial_value=initial_value, progress=progress) for p in policies]
+
+
+def _screen_threshold(rule: ThresholdRule, context: AssetContext) -> Decimal:
+    """The threshold the screen may assume for the rest of the day: the rule's own, except for a no-trade
+    region, whose cost rate comes from each step's book: its width with the cheaper side's k cut by
+    REGION_SCREEN_SLACK, which no step of the day goes below (see REGION_SCREEN_SLACK); 0 when k is too small
+    for that bound to hold, so that every step is planned."""
+    if not isinstance(rule, NoTradeRegion) or context.market is None:
+        return rule.threshold(context)
+    k = min(rule.cost_rate(context.market, "buy"), rule.cost_rate(context.market, "sell"))
+    if k < REGION_SCREEN_MIN_COST:
+        return ZERO
+    return rule.figures(context, cost_rate=k * (ONE - REGION_SCREEN_SLACK)).half_width
 
 
 class _Run:
@@ -616,10 +530,14 @@ class _Run:
         """
         policy = self.policy
         h = policy.hysteresis
-        vols = self.replay.volatility(i)
+        replay = self.replay
+        tops = replay.snapshot(i, self.balances, books=())
+        risk, _source = portfolio_risk(replay.config, tops)
         hard, trigger, cool, rearm = [], [], [], []
         for a in self._assets:
-            threshold = policy.threshold.threshold(vols[a.symbol])
+            market = tops.markets[f"{a.symbol}/{replay.quote}"]
+            context = AssetContext(a.symbol, a.target_weight, ZERO, market, risk.get(a.symbol))
+            threshold = _screen_threshold(policy.threshold, context)
             memory = self.state.of(a.symbol)
             hard.append(float(a.max_deviation) - SCREEN_EPS)
             armed = memory.armed or not h
@@ -660,6 +578,7 @@ class _Run:
         timeline: list[TimelinePoint] = []
         bucket_max = 0.0
         drift_sum = 0.0
+        value_sum = 0.0
         drift_max = 0.0
         te_sum = 0.0
         te_sq = 0.0
@@ -713,6 +632,7 @@ class _Run:
                     value = cash + sum(held[k] * cols[k][i] for k in idx)
                 hard, trigger, cool, rearm = self._limits(i)
             prev_value = value
+            value_sum += value
 
             if i % bucket == bucket - 1 or i == n - 1:
                 timeline.append(TimelinePoint(replay.prices.time(i), bucket_max, self.fees + self.slippage))
@@ -746,6 +666,8 @@ class _Run:
             fees=self.fees,
             slippage=self.slippage,
             mean_drift=_stat(drift_sum / n),
+            mean_value=_stat(value_sum / n),
+            years=Decimal(ts[n - 1] - ts[0]) / SECONDS_PER_YEAR,
             max_drift=_stat(drift_max),
             tracking_error=_stat(te),
             api_calls=self.api_calls,
@@ -830,6 +752,7 @@ class BacktestReport:
     book_model: BookModel
     rules: Mapping[str, MarketRules]
     results: list[BacktestResult]
+    risk_aversion: Decimal = DEFAULT_RISK_AVERSION
 
     def to_dict(self) -> dict[str, Any]:
         p = self.prices
@@ -862,7 +785,8 @@ class BacktestReport:
                     for s, r in self.rules.items()
                 },
             },
-            "results": [r.to_dict() for r in self.results],
+            "risk_aversion": plain(self.risk_aversion),
+            "results": [r.to_dict(self.risk_aversion) for r in self.results],
         }
 
 
@@ -880,27 +804,35 @@ def backtest_files(
     taker_fee: Decimal | None = None,
     initial_value: Decimal = DEFAULT_INITIAL_VALUE,
     calendar_seconds: int = DEFAULT_CALENDAR_SECONDS,
+    risk_aversion: Decimal | None = None,
     progress: Callable[[int], Progress | None] | None = None,
 ) -> BacktestReport:
     """`rebalance backtest`: load and validate both files, pick the policies, run each.
 
+    `risk_aversion` replaces the config's (the yardstick's gamma and the no-trade regions' alike).
     `progress`, when given, is called once with the total number of steps to replay and returns the
     per-step callback (or None), so that a caller can size a progress bar before anything runs.
     """
     config = load_config(config_path)
+    if risk_aversion is not None:
+        config = config.model_copy(update={"risk_aversion": risk_aversion})
     prices = load_prices(prices_path)
-    policies = select_policies(config, policy_names, compare=compare, calendar_seconds=calendar_seconds)
+    policies = select_policies(
+        config, policy_names, compare=compare, calendar_seconds=calendar_seconds, check_seconds=prices.step_seconds
+    )
     model = book_model or BookModel()
     rules = market_rules(config, prices, taker_fee=taker_fee)
     replay = Replay(config, prices, book_model=model, rules=rules)
     tick = progress(len(prices) * len(policies)) if progress is not None else None
     results = run_many(config, replay, policies, initial_value=initial_value, progress=tick)
-    return BacktestReport(str(config_path), config.portfolio_id, replay.quote, prices, model, rules, results)
+    return BacktestReport(
+        str(config_path), config.portfolio_id, replay.quote, prices, model, rules, results, config.risk_aversion
+    )
 
 
 def parse_step(text: str, *, flag: str = "--step", low: int = 60, high: int | None = DAY) -> int:
     """Whole seconds from `60`, `1m`, `1h`, `1d` (the config's duration syntax), within [low, high]."""
-    from .config import _duration
+    from ..config import _duration
 
     try:
         seconds = _duration(text)
@@ -939,7 +871,8 @@ def generate_file(
     start: datetime | None = None,
 ) -> PriceSeries:
     """`rebalance backtest generate`: a reproducible scenario written as a prices CSV (atomically)."""
-    from .prices import EXAMPLE_START_PRICES, REGIMES, generate_prices, write_prices
+    from .csvfile import write_prices
+    from .generate import EXAMPLE_START_PRICES, REGIMES, generate_prices
 
     if regime not in REGIMES:
         raise InputError(f"unknown regime {regime!r}; known: {', '.join(REGIMES)}")
@@ -984,3 +917,20 @@ def write_chart(report: BacktestReport, path: Path) -> None:
         raise InputError(f"--chart {path}: cannot write: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
+
+
+def trailing_covariance(assets: Sequence[str], returns: Sequence[Sequence[float]], min_days: int) -> Covariance | None:
+    """Sample covariance of daily log returns (one list per asset, aligned); None with fewer than `min_days`."""
+    n = len(returns[0]) if returns else 0
+    if n < max(2, min_days):
+        return None
+    means = [math.fsum(r) / n for r in returns]
+    m = len(returns)
+    matrix = tuple(
+        tuple(
+            math.fsum((returns[a][t] - means[a]) * (returns[b][t] - means[b]) for t in range(n)) / (n - 1)
+            for b in range(m)
+        )
+        for a in range(m)
+    )
+    return Covariance(tuple(assets), matrix, source=f"trailing {n} daily closes")
