@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import StoreError
+from .fsutil import open_sqlite
 
 _ACQUIRE = """
 local cur = redis.call('GET', KEYS[1])
@@ -242,9 +243,7 @@ class SQLiteLeases:
         self._path = path
         self._lock = threading.Lock()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._db.execute("pragma journal_mode=wal")
+            self._db = open_sqlite(path, timeout=30)
             self._db.execute(
                 "create table if not exists leases (pid text primary key, holder text, token integer, expires real)"
             )

@@ -100,6 +100,20 @@ def emulator_exchange(url: str, **extra: Any) -> dict[str, Any]:
     }
 
 
+def paper_balances(config_path: Path) -> dict[str, Decimal]:
+    from rebalancer_cli.config import load_config
+    from rebalancer_cli.exchange.paper import PaperExchange
+
+    config = load_config(config_path)
+    snapshot = config.snapshot_path()
+    assert snapshot is not None
+    exchange = PaperExchange(snapshot, config.resolved_state_dir(), config.portfolio_id)
+    try:
+        return exchange.fetch_balances()[0]
+    finally:
+        exchange.close()
+
+
 def stores(backend: str, redis_url: str | None = None, database_url: str | None = None) -> dict[str, str]:
     """Config keys of a store backend: `sqlite` (embedded default) or `redis+postgres`."""
     if backend == "sqlite":

@@ -34,6 +34,7 @@ from exec_helpers import (
     ledger_holdings,
     levels,
     order_counts,
+    paper_balances,
     stores,
     write_config,
     write_snapshot,
@@ -45,7 +46,6 @@ from rebalancer_cli.audit.base import OrderIntent, OrderStatus
 from rebalancer_cli.cli import main
 from rebalancer_cli.config import load_config
 from rebalancer_cli.errors import InputError
-from rebalancer_cli.exchange.paper import PaperExchange
 from rebalancer_cli.executor import ExecutionReport, Executor, OrderOutcome
 from rebalancer_cli.ids import new_key
 from rebalancer_cli.plan_file import load_saved_plan, plan_digest
@@ -100,17 +100,6 @@ def rebalance(capsys: pytest.CaptureFixture[str]) -> Cli:
         return Ran(code, out, err)
 
     return run
-
-
-def paper_balances(config_path: Path) -> dict[str, Decimal]:
-    config = load_config(config_path)
-    snapshot = config.snapshot_path()
-    assert snapshot is not None
-    exchange = PaperExchange(snapshot, config.resolved_state_dir(), config.portfolio_id)
-    try:
-        return exchange.fetch_balances()[0]
-    finally:
-        exchange.close()
 
 
 def test_paper_execute_converges_in_one_run_and_history_shows_it(paper: Path) -> None:

@@ -111,7 +111,10 @@ def test_prices_and_amounts_show_at_the_markets_tick_and_lot_with_separators(run
 
 @pytest.fixture()
 def paper_config(tmp_path: Path) -> Path:
-    shutil.copy(EXAMPLES / "treasury.yaml", tmp_path / "treasury.yaml")
+    """The treasury example on the original rule, whose trades (to target) these rendering tests know."""
+    text = (EXAMPLES / "treasury.yaml").read_text().replace("# policy: no-trade-region", "policy: cost-adjusted")
+    assert "\npolicy: cost-adjusted" in text
+    (tmp_path / "treasury.yaml").write_text(text)
     shutil.copy(EXAMPLES / "market.yaml", tmp_path / "market.yaml")
     return tmp_path / "treasury.yaml"
 

@@ -9,7 +9,6 @@ Decimals are TEXT and are summed in Python's exact context, never as SQLite REAL
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 from collections import defaultdict
@@ -44,6 +43,7 @@ from rebalancer_cli.audit.base import (
     to_utc,
 )
 from rebalancer_cli.errors import InputError, StoreError
+from rebalancer_cli.fsutil import open_sqlite
 
 _T = TypeVar("_T")
 
@@ -90,20 +90,12 @@ class SqliteAuditStore:
         self._path = Path(path)
         self._mutex = threading.RLock()
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            # the trail of a trading account is nobody else's business: create the file owner-only
-            with suppress(FileExistsError):
-                os.close(os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            self._conn = sqlite3.connect(
-                self._path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            # the trail of a trading account is nobody else's business: owner-only, like the state directory
+            self._conn = open_sqlite(self._path, timeout=busy_timeout)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"SQLite audit store {self._path} cannot be opened: {exc}") from exc
         try:
             with self._guard():
-                mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise StoreError(f"SQLite audit store {self._path}: WAL mode refused (journal_mode={mode})")
                 self._conn.execute("PRAGMA synchronous=FULL")
                 self._conn.execute("PRAGMA foreign_keys=ON")
         except BaseException:

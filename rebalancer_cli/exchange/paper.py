@@ -29,6 +29,7 @@ from ..errors import (
     OrderNotFoundError,
     StoreError,
 )
+from ..fsutil import open_sqlite
 from ..planner import PlannerState
 from ..snapshot import Market, Snapshot, load_snapshot
 from .base import FillInfo, OrderResult, Protection, Side
@@ -116,14 +117,10 @@ class PaperExchange:
         self._now = now
         self.calls: Counter[str] = Counter()
         self._lock = threading.Lock()
-        state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = sqlite3.connect(
-                state_dir / "paper.sqlite3", timeout=30, isolation_level=None, check_same_thread=False
-            )
-            self._db.execute("pragma journal_mode=wal")
+            self._db = open_sqlite(state_dir / "paper.sqlite3", timeout=30)
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as exc:
+        except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"paper exchange state in {state_dir} is unusable: {exc}") from None
         self._open_account()
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from rebalancer_cli.errors import LeaseLostError, StoreError
+from rebalancer_cli.fsutil import open_sqlite
 from rebalancer_cli.ledger.base import (
     EXACT,
     Halt,
@@ -62,20 +63,13 @@ class SQLiteLedger:
         self._path = Path(path)
         self._mutex = threading.RLock()
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(
-                self._path, timeout=BUSY_TIMEOUT_SECONDS, isolation_level=None, check_same_thread=False
-            )
+            self._conn = open_sqlite(self._path, timeout=BUSY_TIMEOUT_SECONDS)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"SQLite ledger {self._path} cannot be opened: {exc}") from exc
-        with self._guard():
-            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"SQLite ledger {self._path}: WAL mode refused (journal_mode={mode})")
-            with self._write() as conn:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+        with self._guard(), self._write() as conn:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
 
     @property
     def path(self) -> Path:
