@@ -6,6 +6,7 @@ CLI by calling the same functions. Heavy imports (ccxt, redis, psycopg) happen i
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -197,25 +198,52 @@ def execute(
 
     config = load_config(config_path)
     plan_obj = load_saved_plan(saved_plan) if saved_plan is not None else None
-    ledger = open_ledger_for(config)
-    try:
+    with contextlib.ExitStack() as stack:
+        ledger = open_ledger_for(config)
+        stack.callback(ledger.close)
         audit = open_audit_for(config)
+        # the audit store closes last of the two that write: its queued writes are flushed on close, and a
+        # failure there must neither hide the run's own error nor pass for "nothing was traded" (see below)
+        closer = _AuditCloser(audit)
+        stack.push(closer)
+        exchange = open_exchange(config)
+        stack.callback(exchange.close)
+        if plan_only:  # a dry run writes nothing, so it needs no lease and never waits for one
+            return Executor(config, exchange, ledger, audit).run(saved_plan=plan_obj, plan_only=True)
+        stop = threading.Event()
+        with writer.hold(config, ledger, "execute", wait=wait, on_lost=stop.set) as token:
+            killswitch.verify(ledger, audit, config.portfolio_id)
+            executor = Executor(config, exchange, ledger, audit, listener=listener, fence=token, stop=stop)
+            report: ExecutionReport = executor.run(saved_plan=plan_obj, plan_only=plan_only)
+            closer.report = report
+            return report
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _AuditCloser:
+    """Closes the audit store after a run (an ExitStack exit callback). Its error while another one propagates
+    is dropped (the run's own error is what the operator must see); after a run that traded it is exit 4, not
+    exit 3."""
+
+    def __init__(self, audit: AuditStore) -> None:
+        self.audit = audit
+        self.report: ExecutionReport | None = None
+
+    def __call__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        from .errors import ExecutionIncompleteError, RebalanceError
+
         try:
-            exchange = open_exchange(config)
-            try:
-                if plan_only:  # a dry run writes nothing, so it needs no lease and never waits for one
-                    return Executor(config, exchange, ledger, audit).run(saved_plan=plan_obj, plan_only=True)
-                stop = threading.Event()
-                with writer.hold(config, ledger, "execute", wait=wait, on_lost=stop.set) as token:
-                    killswitch.verify(ledger, audit, config.portfolio_id)
-                    executor = Executor(config, exchange, ledger, audit, listener=listener, fence=token, stop=stop)
-                    return executor.run(saved_plan=plan_obj, plan_only=plan_only)
-            finally:
-                exchange.close()
-        finally:
-            audit.close()
-    finally:
-        ledger.close()
+            self.audit.close()
+        except RebalanceError as close_error:
+            if exc is not None:
+                return False  # the original error goes on; this one is secondary
+            if self.report is not None and self.report.traded:
+                raise ExecutionIncompleteError(
+                    f"orders of this run filled, but the audit trail could not be completed: {close_error}; "
+                    "`rebalance reconcile --repair` records them from the exchange"
+                ) from close_error
+            raise
+        return False
 
 
 def load_saved_plan(path: Path) -> Plan:
