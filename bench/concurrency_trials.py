@@ -72,9 +72,12 @@ def run_pair(emulator: object, root: Path, backend: str, urls: dict[str, str], l
     d = root / pid
     d.mkdir()
     config = write_config(d, pid, emulator_exchange(emulator.base_url), **urls)  # type: ignore[attr-defined]
-    a = start("execute", "--config", str(config), "--confirm")
-    b = start("execute", "--config", str(config), "--confirm")
-    codes = sorted([a.wait(timeout=120), b.wait(timeout=120)])
+    runs = [start("execute", "--config", str(config), "--confirm") for _ in range(2)]
+    results = [(p.wait(timeout=120), p.communicate()[1]) for p in runs]
+    for code, err in results:
+        if code not in (0, 6):
+            print(f"  unexpected exit {code}: {err.strip().splitlines()[-1] if err.strip() else ''}", flush=True)
+    codes = sorted(code for code, _ in results)
     double, detail = judge(emulator, config)
     return double, f"exit {codes}; {detail}"
 

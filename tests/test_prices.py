@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 from datetime import UTC, datetime
@@ -9,6 +10,8 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rebalancer_cli.errors import InputError, PricesError
 from rebalancer_cli.simulation import csvfile
@@ -597,3 +600,43 @@ def test_a_flat_series_has_zero_volatility_and_daily_bars_are_not_rescaled() -> 
     )
     returns = [math.log(110 / 100), math.log(99 / 110), math.log(108.9 / 99)]
     assert realized_volatility(moving, "BTC", 3, 3) == D(statistics.stdev(returns)).quantize(D("0.000001"))
+
+
+_CELLS = [
+    "65000.00",
+    "1" * 5001,
+    "9e999999999",
+    "-0",
+    "0",
+    "NaN",
+    "sNaN",
+    "Infinity",
+    "1e-999999",
+    "1.5e3",
+    "",
+    '"3500"',
+    "x",
+    "１２",
+    "0.000000000000000000000000001",
+    "18446744073709551616",
+]
+_TIMES = ["2025-01-01T00:00:00Z", "2025-01-01T00:01:00Z", "1735689720", "2025-13-01", "", "2025-01-01 00:03:00"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    header=st.sampled_from(["timestamp,BTC,ETH", "date,BTC,ETH", "timestamp,BTC,BTC", "timestamp,BTC", "timestamp"]),
+    rows=st.lists(
+        st.tuples(st.sampled_from(_TIMES), st.sampled_from(_CELLS), st.sampled_from(_CELLS), st.booleans()),
+        min_size=0,
+        max_size=6,
+    ),
+)
+def test_fuzzed_prices_files_load_or_get_a_located_error(tmp_path_factory: pytest.TempPathFactory, header: str,
+                                                        rows: list[tuple[str, str, str, bool]]) -> None:  # fmt: skip
+    """Any mix of good and hostile cells is either a price series or a PricesError/InputError (exit 2)."""
+    lines = [header] + [f"{t},{a},{b}" + (",extra" if extra else "") for t, a, b, extra in rows]
+    path = tmp_path_factory.mktemp("fuzz") / "prices.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with contextlib.suppress(InputError):
+        load_prices(path)

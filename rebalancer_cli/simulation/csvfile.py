@@ -453,8 +453,8 @@ def _fast_prices(cells: list[str]) -> tuple[list[int], int] | None:
     None sends the column to the careful path, which finds and locates whatever is wrong.
     """
     joined = "\n".join(cells)
-    if not joined.isascii():
-        return None
+    if not joined.isascii() or max(map(len, cells)) > _FAST_MAX_CHARS:
+        return None  # the careful path reports a number too long to be a price, with its line
     body = joined.replace(".", "")
     if not body.replace("\n", "").isdigit():
         return None
@@ -482,10 +482,18 @@ def _fast_prices(cells: list[str]) -> tuple[list[int], int] | None:
     return values, scale
 
 
+# A price that fits a signed 64-bit integer at its scale has at most 19 digits, plus a point: anything longer
+# cannot be stored exactly (and a 5,001-digit one would trip Python's int-conversion limit).
+_FAST_MAX_CHARS = 40
+_INT64_DIGITS = 19
+
+
 def _parse_price(text: str) -> tuple[int, int] | str:
     """(value, scale) or the problem with the text."""
     if not text:
         return "missing price"
+    if len(text) > _FAST_MAX_CHARS:
+        return "too many digits to store exactly"
     try:
         number = Decimal(text)
     except InvalidOperation:
@@ -494,6 +502,8 @@ def _parse_price(text: str) -> tuple[int, int] | str:
         return "must be a finite number"
     if number <= 0:
         return "must be above 0"
+    if number.adjusted() > _INT64_DIGITS:  # 9e999999999: no price, and scaling it would overflow Decimal
+        return "too many digits to store exactly"
     exponent = number.as_tuple().exponent
     assert isinstance(exponent, int)
     scale = max(0, -exponent)
