@@ -9,6 +9,7 @@ internal error on a read is retried; and absurd numbers from an exchange are its
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +27,7 @@ from rebalancer_cli.errors import (
 )
 from rebalancer_cli.exchange.base import Side
 from rebalancer_cli.exchange.ccxt_exchange import CcxtExchange, to_decimal
-from rebalancer_cli.exchange.profiles import GENERIC, PROFILES, describe_profiles, profile_for
+from rebalancer_cli.exchange.profiles import GENERIC, PROFILES, describe_profiles, profile_for, require_proven
 from rebalancer_cli.ids import new_key
 from rebalancer_cli.runtime import open_exchange
 from rebalancer_cli.testing import DIALECTS
@@ -94,6 +95,25 @@ def unproven_config(tmp_path: Path, emu: Emulator) -> Path:
     """Binance.US: another ccxt exchange (same REST paths as Binance, so the emulator serves it) without a
     proven profile of its own."""
     return write_config(tmp_path, "unproven", emulator_exchange(emu.base_url, id="binanceus"))
+
+
+def test_an_unproven_exchange_plans_but_execute_is_refused_before_anything_is_sent(
+    tmp_path: Path, emu: Emulator
+) -> None:
+    config = unproven_config(tmp_path, emu)
+    planned = cli("plan", "--config", str(config), "--json")
+    assert planned.returncode == 0, planned.stderr
+    assert json.loads(planned.stdout)["trades"]  # the portfolio is off target: the plan trades
+    before = emu.stats()["requests_total"]
+    refused = cli("execute", "--config", str(config), "--confirm")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "execute on binanceus is refused" in lines[0], refused.stderr
+    assert emu.stats()["requests_total"] == before  # not even a balance read
+    assert emu.stats()["orders"] == {}
+    with pytest.raises(UnprovenExchangeError):
+        require_proven(load_config(config), "execute")
+    require_proven(load_config(config), "plan")
 
 
 def test_the_adapter_itself_refuses_orders_on_an_unproven_exchange(tmp_path: Path, emu: Emulator) -> None:
