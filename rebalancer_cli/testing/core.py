@@ -1760,7 +1760,7 @@ class RemoteEmulator:
         self._call("POST", "reset")
 
 
-def main(argv: Sequence[str] | None = None, *, default_exchange: str = "binance") -> int:
+def main(argv: Sequence[str] | None = None, *, default_exchange: str) -> int:
     """Serve until SIGTERM/SIGINT; the first line on stdout is the base URL, written once ready."""
     from rebalancer_cli.errors import InvalidFileError
     from rebalancer_cli.testing import DIALECTS, load_dialect
@@ -1781,7 +1781,7 @@ def main(argv: Sequence[str] | None = None, *, default_exchange: str = "binance"
         "--client-order-id-scope",
         choices=("open", "any"),
         default="open",
-        help="refuse a repeated client order id while that order is open (Binance) or always",
+        help="refuse a repeated client order id while that order is open (a filled one frees it) or always",
     )
     args = parser.parse_args(argv)
     try:

@@ -62,7 +62,7 @@ def start_emulator(snapshot: Path | str | Snapshot, *, exchange: str | Dialect =
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return core.main(argv)
+    return core.main(argv, default_exchange="binance")
 
 
 if __name__ == "__main__":
