@@ -8,6 +8,8 @@ once its order is done, and the ccxt exception class each refusal or fault turns
 from __future__ import annotations
 
 import json
+import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from decimal import Decimal
@@ -87,7 +89,7 @@ def test_markets_give_tick_lot_and_min_size_but_no_min_notional(okx: Any) -> Non
     assert D(btc["precision"]["amount"]) == D("0.00001")  # lotSz
     assert D(btc["precision"]["price"]) == D("0.1")  # tickSz
     # minSz: the smallest lot multiple worth the snapshot's min_notional (10) at its mid (65000)
-    assert D(btc["limits"]["amount"]["min"]) == D("0.00016")
+    assert D(btc["limits"]["amount"]["min"]) == D("0.00016")  # 0.00016 * 65000 = 10.4
     assert btc["limits"]["cost"]["min"] is None  # OKX publishes no minimum notional for spot
     assert D(okx.fetch_trading_fee("ETH/USDC")["taker"]) == D("0.0008")  # singular: fetchTradingFees is False
 
@@ -131,7 +133,7 @@ def test_a_done_order_frees_its_client_id_and_a_repeat_trades_again(emulator: Em
     ioc(okx, "sell", "0.1", "64990", "sell1")
     assert emulator.stats()["orders"]["sell1"]["filled"] == 2
     okx.create_order("ETH/USDC", "limit", "buy", "1", "3300", {"clientOrderId": "rest1"})  # rests, live
-    with pytest.raises(ccxt.InvalidOrder, match='"sCode":"51016","sMsg":"Duplicated clOrdId"'):
+    with pytest.raises(ccxt.InvalidOrder, match=re.escape('"sCode":"51016","sMsg":"Client order ID already exists."')):
         okx.create_order("ETH/USDC", "limit", "buy", "1", "3300", {"clientOrderId": "rest1"})
     assert emulator.stats()["orders"]["rest1"]["duplicates"] == 1
     okx.cancel_order(None, "ETH/USDC", {"clientOrderId": "rest1"})
@@ -149,7 +151,7 @@ def test_client_ids_outside_okx_rules_are_refused(emulator: Emulator, okx: Any, 
 def test_refusals_map_to_the_classes_ccxt_really_raises(emulator: Emulator, okx: Any) -> None:
     with pytest.raises(ccxt.InvalidOrder, match="51020"):
         ioc(okx, "sell", "0.0001", "64990", "small1")  # below minSz
-    with pytest.raises(ccxt.InsufficientFunds, match="51008"):
+    with pytest.raises(ccxt.InsufficientFunds, match="Insufficient BTC balance in account"):
         ioc(okx, "sell", "2", "64000", "big1")
     emulator.faults.filter_failure("LOT_SIZE")
     with pytest.raises(ccxt.InvalidOrder, match="51121"):
@@ -229,3 +231,22 @@ def test_unknown_path_is_an_okx_error(emulator: Emulator) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(request, timeout=5)
     assert caught.value.code == 404
+
+
+def test_an_order_past_its_exp_time_is_not_processed(emulator: Emulator, okx: Any) -> None:
+    """ "Transaction timeouts": the `expTime` header bounds how late an order request may still execute."""
+    market = okx.market("BTC/USDC")
+    order = {"instId": market["id"], "tdMode": "cash", "side": "sell", "ordType": "ioc", "px": "64990", "sz": "0.1"}
+    okx.headers = {"expTime": str(int(time.time() * 1000) - 1)}
+    with pytest.raises(ccxt.ExchangeError, match="50036"):
+        okx.privatePostTradeBatchOrders([{**order, "clOrdId": "expired1"}])
+    okx.headers = {"expTime": str(int(time.time() * 1000) + 5000)}
+    assert okx.privatePostTradeBatchOrders([{**order, "clOrdId": "intime1"}])["data"][0]["sCode"] == "0"
+    assert set(emulator.stats()["orders"]) == {"intime1"}
+
+
+@pytest.mark.parametrize(("status", "expected"), [(500, ccxt.ExchangeNotAvailable), (503, ccxt.OnMaintenance)])
+def test_internal_errors_in_okx_words(emulator: Emulator, okx: Any, status: int, expected: type) -> None:
+    emulator.faults.http_5xx(status=status, body="exchange", endpoint="/api/v5/account/balance")
+    with pytest.raises(expected):
+        okx.fetch_balance()

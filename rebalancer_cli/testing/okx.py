@@ -13,12 +13,13 @@ OKX's, as its v5 documentation (https://www.okx.com/docs-v5/en/) describes it an
 * Envelopes ("General Info", "Error Code"): every answer is `{"code": "0", "msg": "", "data": [...]}`;
   an error is the same shape with the code as a string. Order operations answer per order inside `data`
   (`sCode` / `sMsg`), with the outer `code` "1" ("All operations failed" for the batch endpoint ccxt
-  uses, "Operation failed." for the single one). Auth refusals are HTTP 401, the rate limit HTTP 429
-  `{"msg":"Too Many Requests","code":"50011"}`, everything else HTTP 200.
+  uses, "Operation failed." for the single one), HTTP 200. Whole-request refusals carry the HTTP status
+  OKX's table gives their code: auth 401, parameter errors (51000, 50014) 400, the rate limit 429
+  `{"msg":"Too Many Requests","code":"50011"}`, internal errors 500 / 503.
 * Client order ids ("Place order", `clOrdId`): 1-32 letters and digits, case-sensitive; anything else is
-  refused with 51000 "Parameter clOrdId error". A repeated `clOrdId` is refused with 51016 "Duplicated
-  clOrdId" while the earlier order is live; once it filled or was canceled the id is free again and a
-  repeat TRADES AGAIN (`client_order_id_scope="open"`, the core's default). An IOC order is never live
+  refused with 51000 "Parameter clOrdId error". A repeated `clOrdId` is refused with 51016 "Client order
+  ID already exists." while the earlier order is live; once it filled or was canceled the id is free
+  again and a repeat TRADES AGAIN (`client_order_id_scope="open"`, the core's default). An IOC order is never live
   after its answer, so on OKX only a lookup by `clOrdId` protects a re-send, never the exchange.
 * Orders: `POST /api/v5/trade/batch-orders` (ccxt's default, an array of one) and `/api/v5/trade/order`,
   `ordType` market / limit / post_only / fok / ioc with `px`, `sz` in base units (`tgtCcy` base_ccy;
@@ -30,15 +31,17 @@ OKX's, as its v5 documentation (https://www.okx.com/docs-v5/en/) describes it an
   (OKX writes a charge as a negative rebate), in the currency received.
 * Market rules ("Get instruments"): `tickSz`, `lotSz` (the snapshot's amount step) and `minSz`. OKX
   publishes no minimum notional for spot: the snapshot's `min_notional` becomes `minSz` (the smallest
-  lot multiple worth it at the snapshot's mid), checked as 51020 "Order amount should be greater than
-  the min available amount."; the core's notional check then never refuses an order of `minSz` or more.
+  lot multiple worth it at the snapshot's mid, `adopt`), checked as 51020 "Your order should meet or
+  exceed the minimum order amount."; the core's notional check is off, as OKX has none.
+* Transaction timeouts: an `expTime` header (Unix ms) on the order endpoints is a deadline; past it the
+  request is not processed (50036). ccxt does not send it; the OKX profile can (`exchange.options.expTime`).
 * Rate limits ("Rate Limits"): per endpoint, in a 2 s window (the core's sliding window of
   `weight_window` = 2 s). `faults.rate_limit(n)` sets the budget of the order endpoints.
 * Candles (`GET /api/v5/market/candles`, `history-candles`): newest first, `[ts, o, h, l, c, vol,
   volCcy, volCcyQuote, confirm]`; bars 1m..4H, the UTC bars 6Hutc..1Wutc and their Hong Kong-time
   twins 6H..1W (aligned on UTC+8, as OKX does). Monthly bars are not modelled.
 
-What the real ccxt 4.5 client raises for each answer (asserted in tests/test_emulator.py):
+What the real ccxt 4.5 client raises for each answer (asserted in tests/test_emulator_okx.py):
 
 ==========================================================  ====================================
 OKX answer                                                   ccxt exception class
@@ -50,7 +53,7 @@ HTTP 429, code 50011                                         RateLimitExceeded (
 HTTP 500 / 502 / 503 (not JSON)                              ExchangeNotAvailable
 HTTP 504                                                     RequestTimeout
 code 50004 "API endpoint request timeout ..."                RequestTimeout (outcome unknown)
-sCode 51016 "Duplicated clOrdId"                             InvalidOrder
+sCode 51016 "Client order ID already exists."                InvalidOrder
 sCode 51000 "Parameter clOrdId error" / "Parameter sz error" BadRequest
 sCode 51020 (below minSz), 51121 (lot), 51006 / 51137 (px)   InvalidOrder
 sCode 51008 / 51131 (insufficient balance)                   InsufficientFunds
@@ -58,7 +61,10 @@ code 51603 "Order does not exist" (query)                    OrderNotFound
 sCode 51400 (cancel: filled, canceled or unknown)            OrderNotFound
 code 51001 "Instrument ID does not exist"                    BadSymbol
 50111 / 50113 / 50105 / 50101 / 50103..50107                 AuthenticationError
-50102 "Timestamp request expired"                            InvalidNonce (a NetworkError)
+50102 "Timestamp request expired."                           InvalidNonce (a NetworkError)
+50036 (expTime passed: not processed)                        ExchangeError (not in ccxt's table)
+50026 (HTTP 500) internal error                              ExchangeNotAvailable
+50001 (HTTP 503) "Service temporarily unavailable"           OnMaintenance
 ==========================================================  ====================================
 """
 
@@ -139,8 +145,11 @@ _AUTH_MESSAGES: dict[str, str] = {
     "50107": 'Request header "OK-ACCESS-TIMESTAMP" cannot be empty.',
     "50111": "Invalid OK-ACCESS-KEY.",
     "50112": "Invalid OK-ACCESS-TIMESTAMP.",
-    "50113": "Invalid Sign.",
+    "50113": "Invalid signature.",
 }
+_NO_INSTRUMENT = "Instrument ID or Spread ID doesn't exist."
+_EXPIRED = "The expTime can't be earlier than the current system time. Please adjust the expTime and try again."
+_BELOW_MIN_SIZE = "Your order should meet or exceed the minimum order amount."
 _STATE = {
     "open": "live",
     "partially_filled": "partially_filled",
@@ -163,9 +172,13 @@ def _envelope(code: str, msg: str, data: list[Any] | None = None) -> dict[str, A
     return {"code": code, "msg": msg, "data": data if data is not None else []}
 
 
-def _error(code: str, msg: str, status: int = 200) -> ApiError:
-    """A whole-request refusal: the envelope with an error code (HTTP 200 unless auth or rate limit)."""
-    return ApiError(status, _envelope(code, msg))
+# "Error Code": the HTTP status of each whole-request refusal (200 for the rest)
+_HTTP_STATUS = {"50000": 400, "50001": 503, "50002": 400, "50004": 400, "50014": 400, "50026": 500, "51000": 400}
+
+
+def _error(code: str, msg: str, status: int | None = None) -> ApiError:
+    """A whole-request refusal: the envelope with an error code, at the HTTP status OKX gives that code."""
+    return ApiError(status or _HTTP_STATUS.get(code, 200), _envelope(code, msg))
 
 
 def _order_error(code: str, msg: str, client_id: str = "", *, batch: bool = True) -> ApiError:
@@ -197,7 +210,7 @@ def _decimal(params: Mapping[str, Any], name: str) -> Decimal | None:
         return None
     text = str(raw)
     if not _DECIMAL_RE.match(text):
-        raise ApiError(200, _envelope("51000", f"Parameter {name} error"))
+        raise _error("51000", f"Parameter {name} error")
     return Decimal(text)
 
 
@@ -262,6 +275,7 @@ class OkxDialect(Dialect):
     def __init__(self, *, simulated: bool = False) -> None:
         """`simulated`: play OKX's demo trading (a demo key, answering only `x-simulated-trading: 1`)."""
         self.simulated = simulated
+        self._min_size: dict[str, Decimal] = {}
 
     def routes(self) -> Mapping[tuple[str, str], Route]:
         one = const(1)
@@ -351,16 +365,16 @@ class OkxDialect(Dialect):
                 return _order_error("51121", "Order quantity must be a multiple of the lot size.")
             if detail == "PRICE_FILTER":
                 return _order_error("51000", "Parameter px error")
-            return _order_error("51020", "Order amount should be greater than the min available amount.")
+            return _order_error("51020", _BELOW_MIN_SIZE)
         if reason == "duplicate_client_id":
-            return _order_error("51016", "Duplicated clOrdId", detail)
+            return _order_error("51016", "Client order ID already exists.", detail)
         if reason == "insufficient_funds":
-            return _order_error("51008", "Order failed. Insufficient balance.")
+            return _order_error("51008", f"Order failed. Insufficient {detail or 'account'} balance in account")
         if reason == "would_take":
             return _order_error("51000", "Post only order can't be filled immediately.")  # OKX cancels it
         if reason == "unknown_market":
-            return _error("51001", "Instrument ID does not exist")
-        return _error("51603", "Order does not exist")
+            return _error("51001", _NO_INSTRUMENT)
+        return _error("51603", "Order does not exist.")
 
     def rate_limited(self, limit: int, used: int, retry_after: int) -> ApiError:
         return ApiError(429, {"msg": "Too Many Requests", "code": "50011"})
@@ -371,9 +385,20 @@ class OkxDialect(Dialect):
     def unknown_status(self) -> ApiError:
         return _error(
             "50004",
-            "API endpoint request timeout (does not mean that the request was successful or failed, "
+            "API endpoint request timeout. (does not mean that the request was successful or failed, "
             "please check the request result).",
         )
+
+    def internal_error(self, status: int) -> ApiError:
+        if status == 503:
+            return _error("50001", "Service temporarily unavailable. Please try again later.", status)
+        return _error("50026", "System error. Try again later", status)
+
+    def adopt(self, market: Market) -> None:
+        """OKX has a minimum size (`minSz`), not a minimum notional: the snapshot's `min_notional` becomes
+        the smallest lot multiple worth it at the snapshot's mid, and the core's notional check is off."""
+        self._min_size[market.id] = min_size(market)
+        market.min_notional = Decimal(0)
 
     # --- market data -------------------------------------------------------------------------
 
@@ -383,7 +408,7 @@ class OkxDialect(Dialect):
             raise _error("50014", "Parameter instId can not be empty.")
         market = self.emulator.markets.get(str(inst_id))
         if market is None:
-            raise _error("51001", "Instrument ID does not exist")
+            raise _error("51001", _NO_INSTRUMENT)
         return market
 
     def _spot_only(self, params: Mapping[str, Any]) -> None:
@@ -422,7 +447,7 @@ class OkxDialect(Dialect):
             "lever": "",
             "tickSz": _fmt(m.tick),
             "lotSz": _fmt(m.step),
-            "minSz": _fmt(min_size(m)),
+            "minSz": _fmt(self._min_size[m.id]),
             "ctType": "",
             "alias": "",
             "state": "live",
@@ -609,7 +634,7 @@ class OkxDialect(Dialect):
     def _batch_orders(self, req: Request) -> Any:
         orders = req.params.get("orders")
         if not isinstance(orders, list) or not orders:
-            raise _error("50000", "Body can not be empty.")
+            raise _error("50000", "Body for POST request cannot be empty.")
         if len(orders) > 20:
             raise _error("51111", "Maximum 20 orders can be placed in bulk.")
         if not all(isinstance(o, dict) for o in orders):
@@ -617,22 +642,34 @@ class OkxDialect(Dialect):
         if len(orders) > 1:
             # the emulator places one order per request, as ccxt's createOrder does
             raise _error("51000", "Parameter orders error")
-        return self._place(orders[0], batch=True)
+        return self._place(req, orders[0], batch=True)
 
     def _order(self, req: Request) -> Any:
-        return self._place(req.params, batch=False)
+        return self._place(req, req.params, batch=False)
 
-    def _place(self, params: Mapping[str, Any], *, batch: bool) -> Any:
-        """One order; every refusal is answered per order (`sCode` / `sMsg` under the outer code "1")."""
+    def _place(self, req: Request, params: Mapping[str, Any], *, batch: bool) -> Any:
+        """One order; every refusal is answered per order (`sCode` / `sMsg` under the outer code "1").
+
+        "Transaction timeouts": with an `expTime` header (Unix ms) the request is not processed once the
+        server's clock is past it, a deadline shorter than the 30 s of the signature."""
+        deadline = req.header("expTime")
+        if deadline is not None:
+            if not deadline.isdigit():
+                raise _error("51000", "Parameter expTime error")
+            if now_ms() > int(deadline):
+                raise _error("50036", _EXPIRED)
         client_id = str(params.get("clOrdId") or "")
         if client_id and not _CLIENT_ID_RE.match(client_id):
             raise _order_error("51000", "Parameter clOrdId error", client_id, batch=batch)
         try:
             market = self._market(params)
+            minimum = self._min_size[market.id]
             order = self.emulator.submit(
-                client_id or self.emulator.generated_client_id(), lambda: _order_request(market, params)
+                client_id or self.emulator.generated_client_id(), lambda: _order_request(market, params, minimum)
             )
         except Rejection as rejection:
+            if rejection.reason == "insufficient_funds":  # OKX names the currency short
+                rejection = Rejection(rejection.reason, market.quote if params.get("side") == "buy" else market.base)
             raise _per_order(self.render_rejection(rejection), client_id, batch) from None
         except ApiError as exc:
             raise _per_order(exc, client_id, batch) from None
@@ -661,7 +698,7 @@ class OkxDialect(Dialect):
         market = self._market(req.params)
         order = self._find(req.params, market)
         if order is None:
-            raise _error("51603", "Order does not exist")
+            raise _error("51603", "Order does not exist.")
         return _envelope("0", "", [_order_details(order, market)])
 
     def _cancel_order(self, req: Request) -> Any:
@@ -754,7 +791,7 @@ def _batch_weight(params: dict[str, Any]) -> int:
     return len(orders) if isinstance(orders, list) and orders else 1
 
 
-def _order_request(market: Market, params: Mapping[str, Any]) -> OrderRequest:
+def _order_request(market: Market, params: Mapping[str, Any], minimum: Decimal) -> OrderRequest:
     """OKX's parameter checks of a new order ("Place order"); the market's checks follow in the core."""
     side = params.get("side")
     if not side:
@@ -794,8 +831,8 @@ def _order_request(market: Market, params: Mapping[str, Any]) -> OrderRequest:
             raise _error("51000", "Parameter px error")
         if price % market.tick:
             raise _error("51000", "Parameter px error")
-    if amount is not None and amount < min_size(market):
-        raise _error("51020", "Order amount should be greater than the min available amount.")
+    if amount is not None and amount < minimum:
+        raise _error("51020", _BELOW_MIN_SIZE)
     return OrderRequest(
         market=market,
         side=side,
