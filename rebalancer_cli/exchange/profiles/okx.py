@@ -53,7 +53,7 @@ _HEX_KEY = re.compile(r"^[0-9a-f]{32}$")
 
 class OkxProfile(ExchangeProfile):
     id: ClassVar[str] = "okx"
-    title: ClassVar[str] = "OKX (API v5) spot"
+    title: ClassVar[str] = "OKX spot, API v5"
     proven_for: ClassVar[frozenset[Capability]] = frozenset({"plan", "snapshot", "execute"})
     protection: ClassVar[Protection] = "ioc_limit"
     sandbox: ClassVar[bool | None] = True
