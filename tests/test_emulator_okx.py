@@ -19,8 +19,15 @@ from typing import Any
 import ccxt
 import pytest
 import yaml
+from exec_helpers import write_config
 
+from rebalancer_cli.config import load_config
+from rebalancer_cli.errors import InputError, NonRetryableExchangeError
+from rebalancer_cli.exchange.base import Side
 from rebalancer_cli.exchange.ccxt_exchange import rebase_urls
+from rebalancer_cli.exchange.profiles.okx import OKX
+from rebalancer_cli.ids import new_key
+from rebalancer_cli.runtime import open_exchange
 from rebalancer_cli.testing.core import Emulator, start_emulator
 from rebalancer_cli.testing.okx import OkxDialect
 
@@ -250,3 +257,54 @@ def test_internal_errors_in_okx_words(emulator: Emulator, okx: Any, status: int,
     emulator.faults.http_5xx(status=status, body="exchange", endpoint="/api/v5/account/balance")
     with pytest.raises(expected):
         okx.fetch_balance()
+
+
+# --- the profile, through the adapter -------------------------------------------------------------------------
+
+
+def okx_exchange(tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch, **options: Any) -> Any:
+    credentials = {"apiKey": "OKX_EMU_KEY", "secret": "OKX_EMU_SECRET", "password": "OKX_EMU_PASSPHRASE"}
+    for field, env in credentials.items():
+        monkeypatch.setenv(env, emulator.credentials[field])
+    exchange = {"id": "okx", "api_url": emulator.base_url, "credentials_env": credentials, "options": options}
+    return open_exchange(load_config(write_config(tmp_path, "okx-profile", exchange)))
+
+
+def test_the_settle_window_is_okx_validity_or_the_exp_time_deadline(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert OKX.settle_window({}) == 32.0  # 30 s of a signed request, 2 s for clocks and transit
+    exchange = okx_exchange(tmp_path, emulator, monkeypatch, expTime=1500)
+    assert exchange.settle_window == 3.5
+    exchange.close()
+    with pytest.raises(InputError, match="expTime"):
+        okx_exchange(tmp_path, emulator, monkeypatch, expTime=45_000)
+
+
+def test_an_order_held_in_flight_past_exp_time_never_trades(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `options.expTime` the profile signs every order request with OKX's deadline: a request that
+    arrives late is discarded by the exchange (50036), one in time trades, and reads carry no deadline."""
+    exchange = okx_exchange(tmp_path, emulator, monkeypatch, expTime=1000)
+    key, late = new_key(), new_key()
+    emulator.faults.latency(1300, endpoint=emulator.dialect.order_path, method="POST", count=1)
+    with pytest.raises(NonRetryableExchangeError, match="50036"):
+        exchange.create_order("BTC/USDC", Side.SELL, D("0.1"), late, worst_price=D("64900"))
+    assert exchange.fetch_order("BTC/USDC", late) is None
+    result = exchange.create_order("BTC/USDC", Side.SELL, D("0.1"), key, worst_price=D("64900"))
+    # the placement answer has no state: the profile read the order back, with its fills and exact cost
+    assert (result.status, result.filled, result.cost) == ("closed", D("0.1"), D("6499"))
+    assert [(f.amount, f.price) for f in result.fills] == [(D("0.1"), D("64990"))]
+    assert set(emulator.stats()["orders"]) == {OKX.client_order_id(key)}
+    exchange.close()
+
+
+def test_a_partial_ioc_fill_is_canceled_on_okx_and_booked_as_what_filled(
+    tmp_path: Path, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    exchange = okx_exchange(tmp_path, emulator, monkeypatch)
+    result = exchange.create_order("BTC/USDC", Side.BUY, D("0.6"), new_key(), worst_price=D("65010"))
+    assert (result.status, result.is_final, result.filled, result.cost) == ("canceled", True, D("0.4"), D("26004"))
+    assert result.fees == {"BTC": D("0.0004")}
+    exchange.close()
