@@ -271,6 +271,9 @@ class OkxDialect(Dialect):
     auth_codes = tuple(_AUTH_MESSAGES)
     default_auth_code = "50111"
     ccxt_options: ClassVar[dict[str, Any]] = {"fetchMarkets": {"types": ["spot"]}}
+    # the OKX profile signs order requests with OKX's own `expTime` deadline (1 s): recovery's settle waits
+    # are 3 s instead of the 32 s that the bare 30 s validity of a signed request would take
+    config_options: ClassVar[dict[str, Any]] = {"expTime": 1000}
 
     def __init__(self, *, simulated: bool = False) -> None:
         """`simulated`: play OKX's demo trading (a demo key, answering only `x-simulated-trading: 1`)."""
