@@ -284,24 +284,34 @@ class OkxDialect(Dialect):
         one = const(1)
         return {
             ("GET", "/api/v5/public/time"): Route(self._time, one, budget="time"),
-            ("GET", "/api/v5/public/instruments"): Route(self._instruments, one, budget="instruments"),
-            ("GET", "/api/v5/market/tickers"): Route(self._tickers, one, budget="tickers"),
+            ("GET", "/api/v5/public/instruments"): Route(self._instruments, one, budget="instruments", name="markets"),
+            ("GET", "/api/v5/market/tickers"): Route(self._tickers, one, budget="tickers", name="tickers"),
             ("GET", "/api/v5/market/ticker"): Route(self._ticker, one, budget="tickers"),
-            ("GET", "/api/v5/market/books"): Route(self._books, one, budget="books"),
-            ("GET", "/api/v5/market/candles"): Route(self._candles, one, budget="candles"),
-            ("GET", "/api/v5/market/history-candles"): Route(self._history_candles, one, budget="candles"),
-            ("GET", "/api/v5/asset/currencies"): Route(self._currencies, one, signed=True, budget="currencies"),
-            ("GET", "/api/v5/account/balance"): Route(self._balance, one, signed=True, budget="balance"),
-            ("GET", "/api/v5/account/trade-fee"): Route(self._trade_fee, one, signed=True, budget="trade-fee"),
-            ("POST", "/api/v5/trade/batch-orders"): Route(
-                self._batch_orders, _batch_weight, signed=True, places_order=True
+            ("GET", "/api/v5/market/books"): Route(self._books, one, budget="books", name="book"),
+            ("GET", "/api/v5/market/candles"): Route(self._candles, one, budget="candles", name="candles"),
+            ("GET", "/api/v5/market/history-candles"): Route(
+                self._history_candles, one, budget="candles", name="candles"
             ),
-            ("POST", "/api/v5/trade/order"): Route(self._order, one, signed=True, places_order=True),
-            ("GET", "/api/v5/trade/order"): Route(self._get_order, one, signed=True),
-            ("POST", "/api/v5/trade/cancel-order"): Route(self._cancel_order, one, signed=True),
+            ("GET", "/api/v5/asset/currencies"): Route(self._currencies, one, signed=True, budget="currencies"),
+            ("GET", "/api/v5/account/balance"): Route(
+                self._balance, one, signed=True, budget="balance", name="balance"
+            ),
+            ("GET", "/api/v5/account/trade-fee"): Route(
+                self._trade_fee, one, signed=True, budget="trade-fee", name="fees"
+            ),
+            ("POST", "/api/v5/trade/batch-orders"): Route(
+                self._batch_orders, _batch_weight, signed=True, places_order=True, name="create_order"
+            ),
+            ("POST", "/api/v5/trade/order"): Route(
+                self._order, one, signed=True, places_order=True, name="create_order"
+            ),
+            ("GET", "/api/v5/trade/order"): Route(self._get_order, one, signed=True, name="fetch_order"),
+            ("POST", "/api/v5/trade/cancel-order"): Route(self._cancel_order, one, signed=True, name="cancel_order"),
             ("GET", "/api/v5/trade/orders-pending"): Route(self._orders_pending, one, signed=True),
-            ("GET", "/api/v5/trade/fills"): Route(self._fills, one, signed=True, budget="fills"),
-            ("GET", "/api/v5/trade/fills-history"): Route(self._fills, one, signed=True, budget="fills-history"),
+            ("GET", "/api/v5/trade/fills"): Route(self._fills, one, signed=True, budget="fills", name="trades"),
+            ("GET", "/api/v5/trade/fills-history"): Route(
+                self._fills, one, signed=True, budget="fills-history", name="trades"
+            ),
         }
 
     def market_id(self, base: str, quote: str) -> str:
