@@ -168,8 +168,13 @@ def test_refusals_map_to_the_classes_ccxt_really_raises(emulator: Emulator, okx:
         ioc(okx, "sell", "0.1", "64990", "poor1")
     with pytest.raises(ccxt.OrderNotFound, match="51603"):
         okx.fetch_order(None, "BTC/USDC", {"clientOrderId": "never1"})
+    off_tick = {"instId": "BTC-USDC", "tdMode": "cash", "side": "sell", "ordType": "ioc", "sz": "0.1"}
+    with pytest.raises(ccxt.BadRequest, match="Parameter px error"):  # ccxt rounds to tickSz; sent raw here
+        okx.privatePostTradeBatchOrders([{**off_tick, "px": "64990.05", "clOrdId": "offtick1"}])
+    with pytest.raises(ccxt.BadSymbol, match="51001"):
+        okx.privateGetTradeOrder({"instId": "DOGE-USDC", "clOrdId": "never1"})
     counts = emulator.stats()["orders"]
-    assert all(c["rejected"] == 1 for c in counts.values()) and len(counts) == 4
+    assert all(c["rejected"] == 1 for c in counts.values()) and len(counts) == 5
 
 
 def test_signature_passphrase_key_and_environment_are_checked(emulator: Emulator, okx: Any) -> None:
@@ -222,6 +227,9 @@ def test_rate_limit_and_faults_map_to_ccxt_classes(snapshot_file: Path) -> None:
         emu.reset()
         emu.faults.http_5xx(status=503, endpoint="/api/v5/account/balance")
         with pytest.raises(ccxt.ExchangeNotAvailable):
+            client.fetch_balance()
+        emu.faults.http_5xx(status=504, endpoint="/api/v5/account/balance")
+        with pytest.raises(ccxt.RequestTimeout):
             client.fetch_balance()
         emu.faults.timeout_after_accept(mode="unknown_status")
         with pytest.raises(ccxt.RequestTimeout, match="50004"):

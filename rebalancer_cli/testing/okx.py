@@ -54,8 +54,8 @@ HTTP 500 / 502 / 503 (not JSON)                              ExchangeNotAvailabl
 HTTP 504                                                     RequestTimeout
 code 50004 "API endpoint request timeout ..."                RequestTimeout (outcome unknown)
 sCode 51016 "Client order ID already exists."                InvalidOrder
-sCode 51000 "Parameter clOrdId error" / "Parameter sz error" BadRequest
-sCode 51020 (below minSz), 51121 (lot), 51006 / 51137 (px)   InvalidOrder
+sCode 51000 "Parameter clOrdId error" / "... px error"     BadRequest
+sCode 51020 (below minSz), 51121 (lot)                      InvalidOrder
 sCode 51008 / 51131 (insufficient balance)                   InsufficientFunds
 code 51603 "Order does not exist" (query)                    OrderNotFound
 sCode 51400 (cancel: filled, canceled or unknown)            OrderNotFound
