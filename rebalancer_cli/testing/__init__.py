@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 # name -> "module:class" of its dialect, imported only when used
 DIALECTS: dict[str, str] = {
     "binance": "rebalancer_cli.testing.binance:BinanceDialect",
+    "okx": "rebalancer_cli.testing.okx:OkxDialect",
 }
 
 

@@ -71,8 +71,9 @@ Rendering an error:
     `duplicate_client_id`, `order_not_found`, `would_take`, `unknown_market`). The core turns it into the
     answer `render_rejection(rejection)` returns. The dialect also renders `rate_limited`, `banned`,
     `unknown_route`, `unknown_status` (the answer of `timeout_after_accept(mode="unknown_status")`) and
-    may add headers to order answers (`extra_headers`). A 5xx fault answers a gateway's HTML page, or
-    with `body="exchange"` the dialect's `internal_error(status)`.
+    may add headers to order answers (`extra_headers`). `adopt(market)` may rewrite a market's neutral
+    rules at every (re)load (a minimum size in place of a minimum notional). A 5xx fault answers a
+    gateway's HTML page, or with `body="exchange"` the dialect's `internal_error(status)`.
 
 Mapping a client id and placing an order:
     A dialect's place-order handler validates the request the exchange's way, reads the client order id
@@ -734,6 +735,11 @@ class Dialect:
         """The exchange's own answer for an internal failure (`faults.http_5xx(body="exchange")`); nothing ran."""
         return ApiError(status, {"error": "internal error"})
 
+    def adopt(self, market: Market) -> None:
+        """Turn a snapshot market's neutral rules into the exchange's own, at every (re)load; e.g. an exchange
+        with a minimum size instead of a minimum notional (OKX's `minSz`) keeps the size and zeroes the
+        notional, so that the core never refuses what that exchange accepts."""
+
     def extra_headers(self, route: Route, now: float) -> list[tuple[str, str]]:
         return []
 
@@ -894,6 +900,7 @@ class Emulator:
                 tick=tick_for(bids, asks, self.dialect.max_tick),
                 reference=m.mid,
             )
+            self.dialect.adopt(market)
             if market.id in markets:
                 raise ValueError(f"markets {markets[market.id].symbol} and {symbol} share the id {market.id}")
             markets[market.id] = market
