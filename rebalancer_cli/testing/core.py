@@ -645,6 +645,9 @@ class Dialect:
     auth_codes: ClassVar[tuple[int | str, ...]] = ()
     default_auth_code: ClassVar[int | str | None] = None
     content_type: ClassVar[str] = "application/json;charset=UTF-8"
+    # whether a refusal past a budget carries `Retry-After` (an exchange that tells the wait in its own
+    # headers, e.g. Bybit's `X-Bapi-Limit-Reset-Timestamp`, sets False and adds them in `rate_limited`)
+    retry_after_header: ClassVar[bool] = True
     ccxt_options: ClassVar[dict[str, Any]] = {}
 
     emulator: Emulator
@@ -1111,7 +1114,8 @@ class Emulator:
 
     def _limit_reply(self, error: ApiError, window: WeightWindow, budget: Budget, now: float, retry: int) -> Reply:
         headers = [(budget.header, str(window.used(now)))] if budget.header else []
-        return self._encode(error.status, error.payload, [*headers, ("Retry-After", str(retry)), *error.headers])
+        retry_after = [("Retry-After", str(retry))] if self.dialect.retry_after_header else []
+        return self._encode(error.status, error.payload, [*headers, *retry_after, *error.headers])
 
     # --- control API ---------------------------------------------------------------------------
 
