@@ -280,6 +280,15 @@ def test_gateway_5xx_is_exchange_not_available(emulator: Emulator, exchange: Any
         exchange.fetch_balance()
 
 
+def test_an_internal_error_is_bybits_10016_and_runs_nothing(emulator: Emulator, exchange: Any) -> None:
+    exchange.fetch_balance()
+    emulator.faults.http_5xx(1, status=503, body="exchange", endpoint="/v5/order/create")
+    with pytest.raises(ccxt.ExchangeError, match="10016") as refused:
+        ioc(exchange, "BTC/USDC", "sell", "0.1", "64990", "internal-1")
+    assert not isinstance(refused.value, ccxt.NetworkError)
+    assert by_link_id(exchange, "BTC/USDC", "internal-1") == []
+
+
 def test_timeout_after_accept_places_the_order_and_unknown_status_is_a_request_timeout(
     emulator: Emulator, exchange: Any
 ) -> None:

@@ -49,8 +49,10 @@ What the real ccxt 4.5 client raises for each answer (asserted in tests/test_emu
 Bybit answer                                            ccxt exception class
 =====================================================  ===========================================
 10006 "Too many visits!" (rate limit)                   RateLimitExceeded
-HTTP 403 (IP banned)                                    ExchangeNotAvailable
+HTTP 403 (IP banned)                                    RateLimitExceeded (ccxt's bybit maps 403 so)
 HTTP 500 / 502 / 503 (not JSON)                         ExchangeNotAvailable
+HTTP 5xx, 10016 "Internal System Error."                ExchangeError (NOT a NetworkError: the profile
+                                                        classifies 10016 as transient)
 170007 "Timeout waiting for response from backend"      RequestTimeout (order status unknown)
 10002 (outside the receive window)                      InvalidNonce
 10003 / 10004 (key / signature)                         AuthenticationError
@@ -281,13 +283,17 @@ class BybitDialect(Dialect):
 
     def banned(self, limit: int, used: int, retry_after: int, until_ms: int) -> ApiError:
         """v5 "Rate Limit": "If you receive an HTTP 403 (Access Denied) response, your IP has been banned"."""
-        return ApiError(403, "403 Forbidden: access too frequent", self._limit_headers(limit, retry_after))
+        return ApiError(403, "403 Forbidden: access too frequent")  # Bybit does not say for how long
 
     def unknown_route(self, method: str, path: str) -> ApiError:
         return _error(10017, f"Route not found: {method} {path}", status=404)
 
     def unknown_status(self) -> ApiError:
         return _error(170007, "Timeout waiting for response from backend server.")
+
+    def internal_error(self, status: int) -> ApiError:
+        """v5 "Error Codes": 10016 "Internal System Error." (also "service is restarting")."""
+        return _error(10016, "Internal System Error.", status=status)
 
     def _limit_headers(self, limit: int, retry_after: int) -> tuple[tuple[str, str], ...]:
         return (
