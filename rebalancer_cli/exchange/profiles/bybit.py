@@ -46,13 +46,13 @@ _KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9
 
 class BybitProfile(ExchangeProfile):
     id: ClassVar[str] = "bybit"
-    title: ClassVar[str] = "Bybit spot (API v5, unified trading account)"
+    title: ClassVar[str] = "Bybit v5 spot, unified trading account"
     proven_for: ClassVar[frozenset[Capability]] = frozenset({"plan", "snapshot", "execute"})
     protection: ClassVar[Protection] = "ioc_limit"
     sandbox: ClassVar[bool | None] = True
-    client_id_rule: ClassVar[str] = "the key as it is as orderLinkId: 36 characters, inside ^[A-Za-z0-9_-]{1,36}$"
+    client_id_rule: ClassVar[str] = "the key as it is (orderLinkId): 36 characters, inside ^[A-Za-z0-9_-]{1,36}$"
     client_id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
-    settle_rule: ClassVar[str] = "X-BAPI-RECV-WINDOW + 1 s (ccxt's recvWindow option, 5 s by default)"
+    settle_rule: ClassVar[str] = "recv_window + 1 s (ccxt's recvWindow option, 5 s by default)"
     fee_source: ClassVar[FeeSource] = "fetchTradingFee"
     lot_rule: ClassVar[str] = (
         "lot: lotSizeFilter.basePrecision; min size: minOrderQty; min notional: minOrderAmt; tick: tickSize"
