@@ -14,11 +14,11 @@ Bybit's, after the published v5 docs (https://bybit-exchange.github.io/docs/v5/,
   too many decimals, 170140 order value below the minimum, 170141 "Duplicate clientOrderId", 170213 order
   does not exist). Only a missing key (401), an unknown path (404), the IP limit (403) and a gateway's
   5xx change the HTTP status.
-* Rate limits (v5 "Rate Limit"): per UID, in a rolling one-second window; past it retCode 10006
-  "Too many visits!" with `X-Bapi-Limit`, `X-Bapi-Limit-Status` and `X-Bapi-Limit-Reset-Timestamp` (ms);
-  Bybit sends no `Retry-After`. One budget counts every request in ccxt's cost units for Bybit (which
-  ccxt derives from those per-endpoint limits: 20 orders/s, 10 reads/s), so a client paced by ccxt's costs
-  stays inside it. A client that keeps sending while refused is shut out with HTTP 403, Bybit's IP ban.
+* Rate limits (v5 "Rate Limit"): in a rolling one-second window; past it retCode 10006 "Too many visits!"
+  with `X-Bapi-Limit`, `X-Bapi-Limit-Status` and `X-Bapi-Limit-Reset-Timestamp` (ms); Bybit sends no
+  `Retry-After`. One budget of 50 requests a second stands for the IP's limit and the per-UID ones (see
+  `WEIGHT_LIMIT`). A client that keeps sending while refused is shut out with
+  HTTP 403, Bybit's IP ban, which says nothing of its length.
 * Markets (v5 "Get Instruments Info", category=spot): `lotSizeFilter.basePrecision` (the quantity step,
   the snapshot's `amount_step`), `minOrderQty` (= the step), `minOrderAmt` (the snapshot's
   `min_notional`), `priceFilter.tickSize` (derived from the book's prices, at most 0.01).
@@ -98,12 +98,13 @@ from rebalancer_cli.testing.core import (
 )
 
 DEFAULT_RECV_WINDOW_MS = 5000
-# Bybit's per-UID limits (v5 "Rate Limit": 20 orders/s, 10 fee-rate reads/s, ...) as ccxt models them in cost
-# units (`rateLimit` 20 ms a unit, so 50 units a second: an order costs 2.5, a read 5, the fee rate 10).
-# Weights here are those units doubled, summed over 5 s (the span of Bybit's IP rule, "... per second for
-# 5 consecutive seconds"), so that a burst of a few unpaced reads is not refused.
-WEIGHT_LIMIT = 500
-WEIGHT_WINDOW = 5.0
+# v5 "Rate Limit": limits are per second, in a rolling window. Public and most private reads have no per-UID
+# limit, only the IP's (GET: 50 requests a second); orders are limited to 20 a second, the fee rate to 10, the
+# coin info to 2. One budget of 50 requests a second, every request weighing 1, stands for them all (the
+# per-endpoint limits are not modelled one by one); ccxt's own pacing for Bybit (10 reads a second) stays
+# inside it.
+WEIGHT_LIMIT = 50
+WEIGHT_WINDOW = 1.0
 REALTIME_CLOSED_KEPT = 500  # "the most recent 500 closed status orders" (Get Open & Closed Orders)
 HISTORY_MS = 7 * DAY_MS  # "If not passed, query the past 7 days data by default" (Get Order History)
 BOOK_MAX_LEVELS = 200  # spot: [1, 200], default 1 (Get Orderbook)
@@ -192,7 +193,7 @@ class BybitDialect(Dialect):
     ccxt_id = "bybit"
     credentials: ClassVar[dict[str, str]] = {"apiKey": DEFAULT_API_KEY, "secret": DEFAULT_SECRET}
     order_path = "/v5/order/create"
-    budgets = (Budget("api", header="X-Bapi-Limit-Status"),)
+    budgets = (Budget("api", header="X-Bapi-Limit-Status", header_shows="remaining"),)
     weight_limit = WEIGHT_LIMIT
     weight_window = WEIGHT_WINDOW
     retry_after_header = False  # the wait is told in X-Bapi-Limit-Reset-Timestamp
@@ -208,20 +209,20 @@ class BybitDialect(Dialect):
     }
 
     def routes(self) -> Mapping[tuple[str, str], Route]:
-        read = const(10)
+        read = const(1)  # every request weighs 1 (see WEIGHT_LIMIT)
         return {
             ("GET", "/v5/market/time"): Route(self._time, read),
             ("GET", "/v5/market/instruments-info"): Route(self._instruments, read),
             ("GET", "/v5/market/tickers"): Route(self._tickers, read),
             ("GET", "/v5/market/orderbook"): Route(self._orderbook, read),
             ("GET", "/v5/market/kline"): Route(self._kline, read),
-            ("GET", "/v5/asset/coin/query-info"): Route(self._coin_info, const(56), signed=True),
+            ("GET", "/v5/asset/coin/query-info"): Route(self._coin_info, read, signed=True),
             ("GET", "/v5/user/query-api"): Route(self._query_api, read, signed=True),
             ("GET", "/v5/account/info"): Route(self._account_info, read, signed=True),
-            ("GET", "/v5/account/wallet-balance"): Route(self._wallet_balance, const(2), signed=True),
-            ("GET", "/v5/account/fee-rate"): Route(self._fee_rate, const(20), signed=True),
-            ("POST", "/v5/order/create"): Route(self._create, const(5), signed=True, places_order=True),
-            ("POST", "/v5/order/cancel"): Route(self._cancel, const(5), signed=True),
+            ("GET", "/v5/account/wallet-balance"): Route(self._wallet_balance, read, signed=True),
+            ("GET", "/v5/account/fee-rate"): Route(self._fee_rate, read, signed=True),
+            ("POST", "/v5/order/create"): Route(self._create, read, signed=True, places_order=True),
+            ("POST", "/v5/order/cancel"): Route(self._cancel, read, signed=True),
             ("GET", "/v5/order/realtime"): Route(self._realtime, read, signed=True),
             ("GET", "/v5/order/history"): Route(self._history, read, signed=True),
             ("GET", "/v5/execution/list"): Route(self._executions, read, signed=True),
@@ -302,8 +303,8 @@ class BybitDialect(Dialect):
         )
 
     def extra_headers(self, route: Route, now: float) -> list[tuple[str, str]]:
-        limit = self.emulator.budget_limit()
-        return [("X-Bapi-Limit", str(limit)), ("X-Bapi-Limit-Reset-Timestamp", str(now_ms()))]
+        """v5 "Rate Limit": the limit, and (when not exceeded) the current time as the reset timestamp."""
+        return [("X-Bapi-Limit", str(self.emulator.budget_limit())), ("X-Bapi-Limit-Reset-Timestamp", str(now_ms()))]
 
     # --- market data -----------------------------------------------------------------------------
 
