@@ -21,34 +21,12 @@ from typing import Any
 
 import ccxt
 import pytest
+from test_emulator import SNAPSHOT  # the same markets and balances as the Binance emulator's tests
 
 from rebalancer_cli.testing.core import Emulator, start_emulator
 
 D = Decimal
 KEY = "0190a5c4-aaaa-7bbb-8ccc-0123456789ab"  # a UUIDv7 idempotency key as it is (36 characters)
-
-SNAPSHOT: dict[str, Any] = {
-    "taken_at": "2026-11-27T10:00:00Z",
-    "balances": {"BTC": "1.5", "ETH": "20", "USDC": "100000"},
-    "markets": {
-        "BTC/USDC": {
-            "taker_fee": "0.001",
-            "amount_step": "0.00001",
-            "min_notional": "10",
-            "bids": [["64990", "0.5"], ["64980", "2"]],
-            "asks": [["65010", "0.4"], ["65020", "3"]],
-            "volatility": "0.03",
-        },
-        "ETH/USDC": {
-            "taker_fee": "0.00075",
-            "amount_step": "0.0001",
-            "min_notional": "5",
-            "bids": [["3400.5", "10"], ["3400", "20"]],
-            "asks": [["3401", "8"], ["3401.5", "30"]],
-            "volatility": "0.04",
-        },
-    },
-}
 
 
 @pytest.fixture()
@@ -95,9 +73,9 @@ def test_markets_carry_lot_size_min_size_min_notional_and_tick(exchange: Any) ->
 
 def test_unified_balance_free_is_wallet_minus_locked(emulator: Emulator, exchange: Any) -> None:
     exchange.create_order("ETH/USDC", "limit", "buy", "1", "3000", {"clientOrderId": "rest-1"})  # GTC, rests
-    balance = exchange.fetch_balance()
-    assert D(balance["USDC"]["total"]) == D("100000")
-    assert D(balance["USDC"]["used"]) == D("3000")
+    balance = exchange.fetch_balance()  # the snapshot holds 250 USDC locked already
+    assert D(balance["USDC"]["total"]) == D("100250")
+    assert D(balance["USDC"]["used"]) == D("3250")
     assert D(balance["USDC"]["free"]) == D("97000")
     emulator.set_balance("ETH", 0)
     assert "ETH" not in exchange.fetch_balance()["total"]  # coins at zero are not listed
@@ -157,7 +135,7 @@ def test_cancel_by_link_id_releases_the_lock(emulator: Emulator, exchange: Any) 
     exchange.create_order("ETH/USDC", "limit", "buy", "1", "3000", {"clientOrderId": "rest-2"})
     exchange.privatePostV5OrderCancel({"category": "spot", "symbol": "ETHUSDC", "orderLinkId": "rest-2"})
     assert by_link_id(exchange, "ETH/USDC", "rest-2")[0]["status"] == "canceled"
-    assert emulator.locked("USDC") == 0
+    assert emulator.locked("USDC") == 250  # what the snapshot held locked, nothing more
 
 
 def test_duplicate_link_id_of_an_open_order_is_refused_a_filled_one_is_not(emulator: Emulator, exchange: Any) -> None:
