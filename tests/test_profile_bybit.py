@@ -46,7 +46,7 @@ def emu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
 
 
 def bybit_on(tmp_path: Path, emu: Emulator, **extra: Any) -> CcxtExchange:
-    config = write_config(tmp_path, "bybit", emulator_exchange(emu.base_url, id="bybit", **extra))
+    config = write_config(tmp_path, "bybit", emulator_exchange(emu.base_url, exchange="bybit", **extra))
     exchange = open_exchange(load_config(config))
     assert isinstance(exchange, CcxtExchange) and exchange.profile is BYBIT
     return exchange

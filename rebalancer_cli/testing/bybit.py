@@ -207,6 +207,8 @@ class BybitDialect(Dialect):
         "defaultType": "spot",
         "adjustForTimeDifference": False,
     }
+    # a short X-BAPI-RECV-WINDOW keeps the settle waits of recovery in tests short (ccxt sends its option)
+    config_options: ClassVar[dict[str, Any]] = {"recvWindow": 1000}
 
     def routes(self) -> Mapping[tuple[str, str], Route]:
         read = const(1)  # every request weighs 1 (see WEIGHT_LIMIT)
