@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 from ..base import Protection
 from .base import Capability, ExchangeProfile, FeeSource, Venue
 
+RESET_MARGIN = 0.05  # seconds added to the wait until X-Bapi-Limit-Reset-Timestamp (clock and transit)
 _KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -112,8 +113,8 @@ class BybitProfile(ExchangeProfile):
         """v5 "Rate Limit": a refused request (10006 "Too many visits!") carries `X-Bapi-Limit-Reset-Timestamp`,
         the millisecond at which the limit resets, and no `Retry-After`."""
         reset = headers.get("x-bapi-limit-reset-timestamp", "")
-        if reset.isdigit():
-            return max(0.0, int(reset) / 1000 - time.time())
+        if reset.isdigit():  # Bybit's clock: a little more, so that the next request lands after the reset
+            return max(0.0, int(reset) / 1000 - time.time()) + RESET_MARGIN
         return super().retry_after(headers)
 
 
