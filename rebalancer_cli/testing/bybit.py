@@ -214,20 +214,22 @@ class BybitDialect(Dialect):
         read = const(1)  # every request weighs 1 (see WEIGHT_LIMIT)
         return {
             ("GET", "/v5/market/time"): Route(self._time, read),
-            ("GET", "/v5/market/instruments-info"): Route(self._instruments, read),
-            ("GET", "/v5/market/tickers"): Route(self._tickers, read),
-            ("GET", "/v5/market/orderbook"): Route(self._orderbook, read),
-            ("GET", "/v5/market/kline"): Route(self._kline, read),
+            ("GET", "/v5/market/instruments-info"): Route(self._instruments, read, name="markets"),
+            ("GET", "/v5/market/tickers"): Route(self._tickers, read, name="tickers"),
+            ("GET", "/v5/market/orderbook"): Route(self._orderbook, read, name="book"),
+            ("GET", "/v5/market/kline"): Route(self._kline, read, name="candles"),
             ("GET", "/v5/asset/coin/query-info"): Route(self._coin_info, read, signed=True),
             ("GET", "/v5/user/query-api"): Route(self._query_api, read, signed=True),
             ("GET", "/v5/account/info"): Route(self._account_info, read, signed=True),
-            ("GET", "/v5/account/wallet-balance"): Route(self._wallet_balance, read, signed=True),
-            ("GET", "/v5/account/fee-rate"): Route(self._fee_rate, read, signed=True),
-            ("POST", "/v5/order/create"): Route(self._create, read, signed=True, places_order=True),
-            ("POST", "/v5/order/cancel"): Route(self._cancel, read, signed=True),
-            ("GET", "/v5/order/realtime"): Route(self._realtime, read, signed=True),
-            ("GET", "/v5/order/history"): Route(self._history, read, signed=True),
-            ("GET", "/v5/execution/list"): Route(self._executions, read, signed=True),
+            ("GET", "/v5/account/wallet-balance"): Route(self._wallet_balance, read, signed=True, name="balance"),
+            ("GET", "/v5/account/fee-rate"): Route(self._fee_rate, read, signed=True, name="fees"),
+            ("POST", "/v5/order/create"): Route(
+                self._create, read, signed=True, places_order=True, name="create_order"
+            ),
+            ("POST", "/v5/order/cancel"): Route(self._cancel, read, signed=True, name="cancel_order"),
+            ("GET", "/v5/order/realtime"): Route(self._realtime, read, signed=True, name="fetch_order"),
+            ("GET", "/v5/order/history"): Route(self._history, read, signed=True, name="fetch_order_history"),
+            ("GET", "/v5/execution/list"): Route(self._executions, read, signed=True, name="trades"),
         }
 
     def market_id(self, base: str, quote: str) -> str:
