@@ -166,3 +166,29 @@ def test_the_rate_limit_wait_is_read_from_bybits_reset_header(tmp_path: Path, em
         exchange.call("fetch_time", lambda: exchange.client.fetch_time(), retry=False)
     assert refused.value.retry_after is not None and 0 < refused.value.retry_after <= 5.0
     exchange.close()
+
+
+def test_why_the_profile_calls_bybits_endpoints_itself(tmp_path: Path, emu: Emulator) -> None:
+    """ccxt's unified calls do not carry the client order id to Bybit: fetch_order refuses without
+    `acknowledged` and would send `orderId`; cancel_order sends `clientOrderId`, which Bybit does not know."""
+    import ccxt
+
+    exchange = bybit_on(tmp_path, emu)
+    key = new_key()
+    exchange.create_order("BTC/USDC", Side.SELL, D("0.1"), key, worst_price=D("64980"))
+    client = exchange.client
+    with pytest.raises(ccxt.ArgumentsRequired):
+        client.fetch_order(None, "BTC/USDC", {"clientOrderId": key})
+    with pytest.raises(ccxt.BadRequest, match="orderId or orderLinkId"):
+        client.cancel_order(None, "BTC/USDC", {"clientOrderId": key})
+    exchange.close()
+
+
+def test_sandbox_uses_bybits_testnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in CREDENTIALS_ENV.items():
+        monkeypatch.setenv(name, value)
+    block = {"id": "bybit", "sandbox": True, "credentials_env": {"apiKey": "EMU_API_KEY", "secret": "EMU_SECRET"}}
+    adapter = open_exchange(load_config(write_config(tmp_path, "sandboxed", block)))
+    assert isinstance(adapter, CcxtExchange)
+    assert adapter.client.implode_hostname(adapter.client.urls["api"]["private"]) == "https://api-testnet.bybit.com"
+    adapter.close()
