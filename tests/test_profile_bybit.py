@@ -37,10 +37,14 @@ D = Decimal
 BYBIT = PROFILES["bybit"]
 
 
-@pytest.fixture()
-def emu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in CREDENTIALS_ENV.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture()
+def emu(tmp_path: Path) -> Iterator[Emulator]:
     with start_emulator(write_snapshot(tmp_path / "emulator.json"), exchange="bybit") as emulator:
         yield emulator
 
@@ -184,11 +188,9 @@ def test_why_the_profile_calls_bybits_endpoints_itself(tmp_path: Path, emu: Emul
     exchange.close()
 
 
-def test_sandbox_uses_bybits_testnet(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in CREDENTIALS_ENV.items():
-        monkeypatch.setenv(name, value)
-    block = {"id": "bybit", "sandbox": True, "credentials_env": {"apiKey": "EMU_API_KEY", "secret": "EMU_SECRET"}}
-    adapter = open_exchange(load_config(write_config(tmp_path, "sandboxed", block)))
-    assert isinstance(adapter, CcxtExchange)
-    assert adapter.client.implode_hostname(adapter.client.urls["api"]["private"]) == "https://api-testnet.bybit.com"
-    adapter.close()
+def test_sandbox_uses_bybits_testnet(tmp_path: Path) -> None:
+    block = emulator_exchange("", exchange="bybit", sandbox=True)
+    del block["api_url"]
+    client = open_exchange(load_config(write_config(tmp_path, "sandboxed", block))).client  # type: ignore[attr-defined]
+    assert client.implode_hostname(client.urls["api"]["private"]) == "https://api-testnet.bybit.com"
+    client.session.close()
