@@ -74,6 +74,17 @@ def test_create_reports_the_fill_the_lookup_found(tmp_path: Path, emu: Emulator)
     exchange.close()
 
 
+def test_an_order_listed_only_after_its_ack_is_waited_for(tmp_path: Path, emu: Emulator) -> None:
+    """Bybit creates orders asynchronously: the profile asks again until the accepted order is listed."""
+    exchange = bybit_on(tmp_path, emu)
+    emu.dialect.visible_after_ms = 250  # type: ignore[attr-defined]
+    result = exchange.create_order("BTC/USDC", Side.SELL, D("0.1"), new_key(), worst_price=D("64980"))
+    assert (result.status, result.filled) == ("closed", D("0.1"))
+    assert emu.stats()["calls"]["fetch_order"] >= 2  # not listed at first, then found
+    assert emu.stats()["calls"]["create_order"] == 1
+    exchange.close()
+
+
 def test_a_partly_filled_ioc_is_final_with_its_fill(tmp_path: Path, emu: Emulator) -> None:
     exchange = bybit_on(tmp_path, emu)
     emu.set_balance("BTC", 10)

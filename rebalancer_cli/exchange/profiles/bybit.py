@@ -41,6 +41,8 @@ from typing import Any, ClassVar
 from ..base import Protection
 from .base import Capability, ExchangeProfile, FeeSource, Venue
 
+# pauses between the lookups after an ack while the accepted order is not listed yet (1.5 s in all)
+CREATE_LOOKUP_PAUSES = (0.1, 0.2, 0.4, 0.8)
 RESET_MARGIN = 0.05  # seconds added to the wait until X-Bapi-Limit-Reset-Timestamp (clock and transit)
 _KEY = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -76,11 +78,17 @@ class BybitProfile(ExchangeProfile):
         self, venue: Venue, market: str, side: str, amount: str, price: str, client_order_id: str
     ) -> Mapping[str, Any]:
         """The IOC limit through ccxt's unified call (it maps `clientOrderId` to `orderLinkId`), then the
-        lookup that tells its status and fills; the bare ack where the lookup does not show the order yet
-        (Bybit creates orders asynchronously): it reads as open, so the executor asks again."""
+        lookup that tells its status and fills, asked again for a moment while the accepted order is not
+        listed yet (Bybit creates orders asynchronously); past that the bare ack, which reads as open, so the
+        executor cancels it and asks again."""
         ack = super().create(venue, market, side, amount, price, client_order_id)
-        found = self.lookup(venue, market, client_order_id)
-        return found if found is not None else ack
+        for pause in (*CREATE_LOOKUP_PAUSES, None):
+            found = self.lookup(venue, market, client_order_id)
+            if found is not None:
+                return found
+            if pause is not None:
+                time.sleep(pause)
+        return ack
 
     def lookup(self, venue: Venue, market: str, client_order_id: str) -> Mapping[str, Any] | None:
         client = venue.client
