@@ -358,15 +358,10 @@ class CcxtExchange:
         return ExchangeError(message)
 
     def _retry_after(self) -> float | None:
+        """The wait the exchange asked for, read the profile's way (`Retry-After`, or the exchange's own)."""
         headers = getattr(self.client, "last_response_headers", None) or {}
-        for key, value in dict(headers).items():
-            if key.lower() == "retry-after":
-                try:
-                    seconds = float(value)
-                except (TypeError, ValueError):
-                    return None
-                return seconds if math.isfinite(seconds) and seconds >= 0 else None
-        return None
+        seconds = self.profile.retry_after({str(k).lower(): str(v) for k, v in dict(headers).items()})
+        return seconds if seconds is not None and math.isfinite(seconds) and seconds >= 0 else None
 
     # -- caches -------------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 DIALECTS: dict[str, str] = {
     "binance": "rebalancer_cli.testing.binance:BinanceDialect",
     "okx": "rebalancer_cli.testing.okx:OkxDialect",
+    "bybit": "rebalancer_cli.testing.bybit:BybitDialect",
 }
 
 

@@ -656,6 +656,14 @@ class Budget:
     header: str = ""
     limit: int | None = None
     enforced: bool = True
+    header_shows: Literal["used", "remaining"] = "used"  # what `header` reports (Bybit: what remains)
+
+    def report(self, window: WeightWindow, now: float) -> list[tuple[str, str]]:
+        """The budget's header on an answer: the weight used in the window, or what remains of its limit."""
+        if not self.header:
+            return []
+        used = window.used(now)
+        return [(self.header, str(used if self.header_shows == "used" else max(0, window.limit - used)))]
 
 
 def const(weight: int) -> Callable[[dict[str, Any]], int]:
@@ -680,6 +688,9 @@ class Dialect:
     auth_codes: ClassVar[tuple[int | str, ...]] = ()
     default_auth_code: ClassVar[int | str | None] = None
     content_type: ClassVar[str] = "application/json;charset=UTF-8"
+    # whether a refusal past a budget carries `Retry-After` (an exchange that tells the wait in its own
+    # headers, e.g. Bybit's `X-Bapi-Limit-Reset-Timestamp`, sets False and adds them in `rate_limited`)
+    retry_after_header: ClassVar[bool] = True
     ccxt_options: ClassVar[dict[str, Any]] = {}
     # the `exchange.options` a test config uses against this emulator (e.g. a short acceptance window)
     config_options: ClassVar[dict[str, Any]] = {}
@@ -1122,7 +1133,7 @@ class Emulator:
             return refused
         window.add(now, weight)
         self._weight_total += weight
-        reply_headers = [(budget.header, str(window.used(now)))] if budget.header else []
+        reply_headers = budget.report(window, now)
         after = None
         request = Request(method, path, params, raw_query, raw_body, headers, path_params)
         try:
@@ -1185,8 +1196,9 @@ class Emulator:
         return self._limit_reply(error, window, budget, now, retry_after)
 
     def _limit_reply(self, error: ApiError, window: WeightWindow, budget: Budget, now: float, retry: int) -> Reply:
-        headers = [(budget.header, str(window.used(now)))] if budget.header else []
-        return self._encode(error.status, error.payload, [*headers, ("Retry-After", str(retry)), *error.headers])
+        headers = budget.report(window, now)
+        retry_after = [("Retry-After", str(retry))] if self.dialect.retry_after_header else []
+        return self._encode(error.status, error.payload, [*headers, *retry_after, *error.headers])
 
     # --- control API ---------------------------------------------------------------------------
 

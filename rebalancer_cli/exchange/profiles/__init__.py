@@ -12,11 +12,13 @@ from ...errors import UnprovenExchangeError
 from .base import CAPABILITIES, GENERIC, Capability, ExchangeProfile
 from .binance import BINANCE
 from .okx import OKX
+from .bybit import BYBIT
 
 # ccxt exchange id -> its profile; an id not listed here gets GENERIC (plan and snapshot only)
 PROFILES: dict[str, ExchangeProfile] = {
     "binance": BINANCE,
     "okx": OKX,
+    "bybit": BYBIT,
 }
 
 __all__ = [

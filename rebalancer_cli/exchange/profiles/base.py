@@ -133,6 +133,14 @@ class ExchangeProfile:
         """Seconds after a send beyond which the exchange can no longer accept that request."""
         return 60.0
 
+    def retry_after(self, headers: Mapping[str, str]) -> float | None:
+        """Seconds the exchange asked a refused client to wait, from the refusal's headers (names lower-cased):
+        HTTP's `Retry-After` by default; None when it names no wait."""
+        try:
+            return float(headers["retry-after"])
+        except (KeyError, ValueError):
+            return None
+
     def classify(self, exc: Exception) -> Verdict | None:
         """What the exchange's own code or text says the exception is, where ccxt's class does not say it."""
         text = str(exc)
