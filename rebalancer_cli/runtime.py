@@ -9,10 +9,11 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, default_state_dir, load_config
 from .errors import RefusedError
+from .exchange.profiles import require_proven
 from .planner import Plan, PlannerState, plan
 from .snapshot import Snapshot, load_snapshot
 
@@ -89,6 +90,13 @@ def save_live_snapshot(config_path: Path, out: Path) -> Snapshot:
     return snapshot
 
 
+def exchanges() -> list[dict[str, Any]]:
+    """`rebalance exchanges`: every exchange profile and what the contract suite proves for it."""
+    from .exchange.profiles import describe_profiles
+
+    return describe_profiles()
+
+
 def make_plan(
     config_path: Path,
     *,
@@ -143,6 +151,7 @@ def execute(
     from .executor import Executor
 
     config = load_config(config_path)
+    require_proven(config, "execute")  # before anything is opened or sent
     plan_obj = load_saved_plan(saved_plan) if saved_plan is not None else None
     ledger = open_ledger_for(config)
     try:
@@ -231,6 +240,7 @@ def reconcile(config_path: Path, *, repair: bool = False) -> ReconcileReport:
     from .reconcile import reconcile as run
 
     config = load_config(config_path)
+    require_proven(config, "execute")  # it settles and cancels orders as execute does
     ledger = open_ledger_for(config)
     try:
         audit = open_audit_for(config)
