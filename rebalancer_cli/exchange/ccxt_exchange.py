@@ -213,7 +213,7 @@ class CcxtExchange:
             if not value:
                 raise CredentialsError(f"credential {field} is missing: environment variable {env_name} is not set")
             credentials[field] = value
-        options = {**_LEAN_OPTIONS, **ex.options}
+        options = {**_LEAN_OPTIONS, **profile_for(ex.id).ccxt_options, **ex.options}
         client = klass(
             {
                 **credentials,
@@ -334,8 +334,9 @@ class CcxtExchange:
             return BadSymbolError(message)
         if isinstance(exc, ccxt.InvalidOrder):
             return InvalidOrderError(message)
-        if isinstance(exc, ccxt.BadRequest) and verdict == "filter":
-            # a market rule broken, reported by the exchange as a bad request (Binance's NOTIONAL)
+        if verdict == "filter":
+            # a market rule broken, reported as a bad request (Binance's NOTIONAL) or as a bare ExchangeError
+            # (Coinbase's size rules: ccxt has no class for them)
             return InvalidOrderError(message)
         if isinstance(exc, ccxt.AuthenticationError | ccxt.PermissionDenied | ccxt.AccountSuspended):
             return ExchangeAuthError(message)

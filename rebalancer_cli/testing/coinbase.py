@@ -97,6 +97,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
+from ..exchange.profiles.coinbase import CoinbaseProfile
 from .core import (
     ApiError,
     Budget,
@@ -281,10 +282,8 @@ class CoinbaseDialect(Dialect):
     auth_codes = ("unauthorized", "permission_denied")
     default_auth_code = "unauthorized"
     content_type = "application/json; charset=utf-8"
-    ccxt_options: ClassVar[dict[str, Any]] = {
-        # Advanced Trade's own accounts (available and held), not the v2 app wallets (one balance each)
-        "fetchBalance": "v3PrivateGetBrokerageAccounts",
-    }
+    # what the profile gives every client: Advanced Trade's accounts (available and held), not the v2 wallets
+    ccxt_options: ClassVar[dict[str, Any]] = dict(CoinbaseProfile.ccxt_options)
 
     def __init__(self) -> None:
         self._configs: dict[int, dict[str, Any]] = {}  # order id -> its order_configuration, as sent
@@ -429,6 +428,10 @@ class CoinbaseDialect(Dialect):
 
     def unknown_route(self, method: str, path: str) -> ApiError:
         return _error(404, "NOT_FOUND", "Not Found")
+
+    def internal_error(self, status: int) -> ApiError:
+        """Coinbase's gateway names the gRPC status of a failed backend: INTERNAL (500), UNAVAILABLE (503)."""
+        return _error(status, "UNAVAILABLE" if status == 503 else "INTERNAL", "internal error, please retry")
 
     def unknown_status(self) -> ApiError:
         """The gateway gave up waiting for the order service: the order may or may not exist."""

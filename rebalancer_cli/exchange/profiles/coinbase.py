@@ -1,0 +1,137 @@
+"""Coinbase Advanced Trade: proven for plan, snapshot and execute against `rebalancer_cli.testing.coinbase`.
+
+What ccxt 4.5's `coinbase` client does (site-packages/ccxt/coinbase.py) and what this profile does about it:
+
+* Client order id: Advanced Trade takes any `client_order_id` up to 128 characters ("Create Order"), so the
+  36-character dashed UUIDv7 key goes as it is. ccxt IGNORES the unified `clientOrderId` and sends its own
+  `ccxt-<uuid4>` unless `client_order_id` is among the params (its `create_order` extends the request with
+  them), so the profile passes `client_order_id` itself.
+* Duplicate ids: Coinbase does not refuse a repeated `client_order_id`: "If the ID provided is not unique,
+  the order will not be created and the order corresponding with that ID will be returned instead." A
+  resend of a key is therefore answered with the first order, never traded twice; there is no duplicate
+  error to recognise.
+* Lookup by client id: ccxt's `fetch_order(None, ..., {"clientOrderId": ...})` asks for
+  `/orders/historical/None`, and Coinbase's Get Order takes its own order id only; List Orders
+  (`GET /orders/historical/batch`, implicit `v3PrivateGetBrokerageOrdersHistoricalBatch`) has no client id
+  filter either. So the profile lists the product's orders created since the key's own UUIDv7 time (less
+  five minutes of clock skew), newest first, page by `cursor`, and matches `client_order_id`; ccxt's
+  `parse_order` reads the match. Cancel: that lookup, then ccxt's `cancel_order` by Coinbase's order id
+  (`/orders/batch_cancel`); an order already final is left as it is.
+* Create answer: `success_response` names the order and nothing else (no status, no fills), so `create`
+  reads the order back by its id (Get Order, a read that may be retried) before answering.
+* Protected order: `sor_limit_ioc` {base_size, limit_price}, what ccxt sends for a limit with
+  timeInForce=IOC: sized in base units, so no "market buy needs a price" refusal.
+* Settle window: a request is authorised by a JWT that expires 120 s after it was signed (CDP API key
+  authentication), and Coinbase refuses it afterwards (401); 5 s more covers the clocks' skew. ccxt signs
+  each request with a fresh token, right before sending it.
+* Errors, as ccxt raises them: a 401 is AuthenticationError and PERMISSION_DENIED PermissionDenied (key
+  refusals by class); `INSUFFICIENT_FUND` InsufficientFunds; size, price and notional refusals
+  (`PREVIEW_INVALID_BASE_SIZE_TOO_SMALL`, `INVALID_SIZE_PRECISION`, ...) come as a plain ExchangeError,
+  recognised here as filter failures; a gateway's `DEADLINE_EXCEEDED` / `INTERNAL` / `UNAVAILABLE` JSON
+  also comes as a plain ExchangeError (ccxt reads the body before the 5xx status) and is transient: a read
+  is retried, an order is looked up, never re-sent blindly.
+* Balances: Advanced Trade's accounts (`/brokerage/accounts`: available and hold), not ccxt's default v2
+  wallets, which report one total and no hold (`ccxt_options`).
+* Fees: `fetchTradingFees` (`/transaction_summary`): the account's fee tier, the same on every spot product.
+  Lot size `base_increment` (ccxt precision.amount), min size `base_min_size` (limits.amount.min), min
+  notional `quote_min_size` (limits.cost.min), price tick `price_increment`/`quote_increment`.
+* Sandbox: none. ccxt has no test URLs for coinbase, and Advanced Trade's sandbox answers static mock data
+  (it is not a testnet), so `exchange.sandbox: true` is refused; try a first `execute` with a small
+  portfolio and `max_trade_notional` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from ...errors import OrderNotFoundError
+from ...ids import key_time_ms
+from ..base import Protection
+from .base import Capability, ExchangeProfile, FeeSource, Venue
+
+# Coinbase's CDP key JWT lives 120 s ("exp" = "nbf" + 120); 5 s for the clocks' skew
+JWT_LIFETIME_S = 120.0
+CLOCK_SKEW_S = 5.0
+LOOKBACK_MS = 5 * 60 * 1000
+PAGE = 250
+
+
+class CoinbaseProfile(ExchangeProfile):
+    id: ClassVar[str] = "coinbase"
+    title: ClassVar[str] = "Coinbase Advanced Trade"
+    proven_for: ClassVar[frozenset[Capability]] = frozenset({"plan", "snapshot", "execute"})
+    protection: ClassVar[Protection] = "ioc_limit"
+    sandbox: ClassVar[bool | None] = False
+    client_id_rule: ClassVar[str] = "the key as it is: 36 characters (Coinbase takes up to 128)"
+    client_id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"^.{1,128}$", re.S)
+    settle_rule: ClassVar[str] = "JWT lifetime 120 s + 5 s clock skew"
+    fee_source: ClassVar[FeeSource] = "fetchTradingFees"
+    lot_rule: ClassVar[str] = (
+        "lot: base_increment; min size: base_min_size; min notional: quote_min_size; tick: price_increment"
+    )
+    ccxt_options: ClassVar[Mapping[str, Any]] = {"fetchBalance": "v3PrivateGetBrokerageAccounts"}
+    duplicate_id: ClassVar[re.Pattern[str] | None] = None  # a repeated id is answered with its order
+    filter_failure: ClassVar[re.Pattern[str] | None] = re.compile(
+        r"PREVIEW_INVALID_(BASE|QUOTE)_SIZE_(TOO_SMALL|TOO_LARGE|PRECISION)|PREVIEW_INVALID_(SIZE|PRICE)_PRECISION"
+        r"|INVALID_(SIZE|PRICE)_PRECISION|INVALID_LIMIT_PRICE|PREVIEW_INVALID_LIMIT_PRICE|PREVIEW_INVALID_PRICE_TOO_LARGE"
+    )
+    auth_refusal: ClassVar[re.Pattern[str] | None] = re.compile(r"PERMISSION_DENIED|UNAUTHENTICATED|401 Unauthorized")
+    transient: ClassVar[re.Pattern[str] | None] = re.compile(
+        r"\"error\":\s*\"(DEADLINE_EXCEEDED|INTERNAL|UNAVAILABLE|UNKNOWN)\"|internal_server_error"
+    )
+
+    def order_params(self, client_order_id: str) -> dict[str, Any]:
+        return {"client_order_id": client_order_id, "timeInForce": "IOC"}
+
+    def create(
+        self, venue: Venue, market: str, side: str, amount: str, price: str, client_order_id: str
+    ) -> Mapping[str, Any]:
+        placed = super().create(venue, market, side, amount, price, client_order_id)
+        order_id = placed.get("id")
+        if not order_id:
+            return placed
+        full: Mapping[str, Any] = venue.call("fetch_order", lambda: venue.client.fetch_order(order_id, market))
+        return full
+
+    def lookup(self, venue: Venue, market: str, client_order_id: str) -> Mapping[str, Any] | None:
+        client = venue.client
+        info = client.market(market)
+        params: dict[str, Any] = {"product_ids": [info["id"]], "limit": PAGE}
+        key = self.key_of(client_order_id)
+        with contextlib.suppress(ValueError):  # not one of our UUIDv7 keys: search the product's whole history
+            params["start_date"] = client.iso8601(key_time_ms(key or "") - LOOKBACK_MS)
+        while True:
+            list_orders = functools.partial(client.v3PrivateGetBrokerageOrdersHistoricalBatch, dict(params))
+            page: Mapping[str, Any] = venue.call("fetch_orders", list_orders)
+            for raw in page.get("orders") or []:
+                if raw.get("client_order_id") == client_order_id:
+                    found: Mapping[str, Any] = client.parse_order(raw, info)
+                    return found
+            cursor = page.get("cursor")
+            if not page.get("has_next") or not cursor:
+                return None
+            params["cursor"] = cursor
+
+    def cancel(self, venue: Venue, market: str, client_order_id: str) -> None:
+        order = self.lookup(venue, market, client_order_id)
+        if order is None:
+            raise OrderNotFoundError(f"coinbase knows no order {client_order_id} on {market}")
+        if order.get("status") != "open":
+            return
+        venue.call("cancel_order", lambda: venue.client.cancel_order(order["id"], market))
+
+    def order_trades(self, venue: Venue, market: str, order_id: str) -> list[Mapping[str, Any]] | None:
+        trades = venue.call(
+            "fetch_my_trades", lambda: venue.client.fetch_my_trades(market, None, None, {"order_ids": [order_id]})
+        )
+        return [t for t in trades or [] if str(t.get("order")) == order_id]
+
+    def settle_window(self, options: Mapping[str, Any]) -> float:
+        return JWT_LIFETIME_S + CLOCK_SKEW_S
+
+
+COINBASE = CoinbaseProfile()
