@@ -180,6 +180,7 @@ class CcxtExchange:
         self._markets_loaded = False
         # ccxt logs every request with its headers (the API key) at debug level: format and scrub first
         client.logger = _ScrubbingLogger(self._scrub)
+        self.profile.prepare(client)
         # an order request older than the exchange's acceptance window is refused: after that, "unknown" is final
         self.settle_window = self.profile.settle_window(client.options or {})
         self._account_fees: dict[str, Decimal] | None = None

@@ -132,6 +132,9 @@ class ExchangeProfile:
 
     # -- timing and errors ----------------------------------------------------------------------------------
 
+    def prepare(self, client: Any) -> None:
+        """Adjust a new ccxt client before its first request (how it signs, say); the default changes nothing."""
+
     def settle_window(self, options: Mapping[str, Any]) -> float:
         """Seconds after a send beyond which the exchange can no longer accept that request."""
         return 60.0

@@ -21,9 +21,13 @@ What ccxt 4.5's `coinbase` client does (site-packages/ccxt/coinbase.py) and what
   reads the order back by its id (Get Order, a read that may be retried) before answering.
 * Protected order: `sor_limit_ioc` {base_size, limit_price}, what ccxt sends for a limit with
   timeInForce=IOC: sized in base units, so no "market buy needs a price" refusal.
-* Settle window: a request is authorised by a JWT that expires 120 s after it was signed (CDP API key
-  authentication), and Coinbase refuses it afterwards (401); 5 s more covers the clocks' skew. ccxt signs
-  each request with a fresh token, right before sending it.
+* Settle window: a request is authorised by a JWT that expires when its `exp` passes (CDP API key
+  authentication: at most 2 minutes after `nbf`), and Coinbase refuses it afterwards (401), so a request
+  held on its way longer than its token's lifetime can no longer trade. ccxt signs every request with a
+  fresh token right before sending it, always valid 120 s; `exchange.options.jwtLifetime` (seconds, 1 to
+  120) makes the profile sign shorter-lived tokens instead (the same claims, through ccxt's own `jwt`), and
+  the settle window is that lifetime plus 5 s for the clocks' skew: 125 s by default. A shorter lifetime
+  shortens every recovery wait, at the price of refusals if the host's clock runs behind Coinbase's.
 * Errors, as ccxt raises them: a 401 is AuthenticationError and PERMISSION_DENIED PermissionDenied (key
   refusals by class); `INSUFFICIENT_FUND` InsufficientFunds; size, price and notional refusals
   (`PREVIEW_INVALID_BASE_SIZE_TOO_SMALL`, `INVALID_SIZE_PRECISION`, ...) come as a plain ExchangeError,
@@ -48,14 +52,15 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ...errors import OrderNotFoundError
+from ...errors import InputError, OrderNotFoundError
 from ...ids import key_time_ms
 from ..base import Protection
 from .base import Capability, ExchangeProfile, FeeSource, Venue
 
-# Coinbase's CDP key JWT lives 120 s ("exp" = "nbf" + 120); 5 s for the clocks' skew
-JWT_LIFETIME_S = 120.0
+# Coinbase's CDP key JWT lives at most 120 s ("exp" - "nbf"), what ccxt always signs; 5 s for the clocks' skew
+JWT_LIFETIME_S = 120
 CLOCK_SKEW_S = 5.0
+LIFETIME_OPTION = "jwtLifetime"
 LOOKBACK_MS = 5 * 60 * 1000
 PAGE = 250
 
@@ -68,7 +73,7 @@ class CoinbaseProfile(ExchangeProfile):
     sandbox: ClassVar[bool | None] = False
     client_id_rule: ClassVar[str] = "the key as it is: 36 characters (Coinbase takes up to 128)"
     client_id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"^.{1,128}$", re.S)
-    settle_rule: ClassVar[str] = "JWT lifetime 120 s + 5 s clock skew"
+    settle_rule: ClassVar[str] = "signed-request (JWT) lifetime + 5 s: 120 s, or options.jwtLifetime"
     fee_source: ClassVar[FeeSource] = "fetchTradingFees"
     lot_rule: ClassVar[str] = (
         "lot: base_increment; min size: base_min_size; min notional: quote_min_size; tick: price_increment"
@@ -130,8 +135,50 @@ class CoinbaseProfile(ExchangeProfile):
         )
         return [t for t in trades or [] if str(t.get("order")) == order_id]
 
+    def prepare(self, client: Any) -> None:
+        lifetime = token_lifetime(client.options or {})
+        if lifetime < JWT_LIFETIME_S:
+            client.create_auth_token = functools.partial(_token, client, lifetime)
+
     def settle_window(self, options: Mapping[str, Any]) -> float:
-        return JWT_LIFETIME_S + CLOCK_SKEW_S
+        return token_lifetime(options) + CLOCK_SKEW_S
+
+
+def token_lifetime(options: Mapping[str, Any]) -> int:
+    """Seconds a signed request stays valid: `options.jwtLifetime`, else Coinbase's (and ccxt's) 120."""
+    raw = options.get(LIFETIME_OPTION, JWT_LIFETIME_S)
+    try:
+        lifetime = int(raw)
+    except (TypeError, ValueError):
+        raise InputError(f"exchange.options.{LIFETIME_OPTION} must be whole seconds, not {raw!r}") from None
+    if not 1 <= lifetime <= JWT_LIFETIME_S:
+        raise InputError(f"exchange.options.{LIFETIME_OPTION} must be 1 to {JWT_LIFETIME_S} seconds, not {lifetime}")
+    return lifetime
+
+
+def _token(
+    client: Any, lifetime: int, seconds: int, method: str | None = None, url: str | None = None, useEddsa: bool = False
+) -> str:
+    """ccxt 4.5's `coinbase.create_auth_token` with `exp` = `nbf` + `lifetime` instead of + 120: the same
+    claims (CDP API key authentication), signed by ccxt's own `jwt`."""
+    request: dict[str, Any] = {
+        "aud": ["cdp_service" if useEddsa else "retail_rest_api_proxy"],
+        "iss": "cdp" if useEddsa else "coinbase-cloud",
+        "nbf": seconds,
+        "exp": seconds + lifetime,
+        "sub": client.apiKey,
+        "iat": seconds,
+    }
+    if url is not None:
+        uri = f"{method} {url.replace('https://', '')}".split("?", 1)[0]
+        request["uris" if useEddsa else "uri"] = [uri] if useEddsa else uri
+    head = {"kid": client.apiKey, "nonce": client.random_bytes(16)}
+    if useEddsa:
+        seed = client.array_slice(client.base64_to_binary(client.secret), 0, 32)
+        token: str = client.jwt(request, seed, "sha256", False, {**head, "alg": "EdDSA"})
+    else:
+        token = client.jwt(request, client.encode(client.secret), "sha256", False, {**head, "alg": "ES256"})
+    return token
 
 
 COINBASE = CoinbaseProfile()
