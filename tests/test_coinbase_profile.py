@@ -87,6 +87,7 @@ def test_an_order_carries_the_key_and_is_found_again_by_it_with_its_fills(tmp_pa
     key = new_key()
     placed = sell(exchange, key, "1.2")
     assert (placed.status, placed.filled, placed.client_order_id) == ("closed", D("1.2"), key)
+    assert placed.cost == D("77992")  # Coinbase's filled_value, not filled x its rounded average
     assert emu.stats()["orders"][key]["accepted"] == 1
     found = exchange.fetch_order("BTC/USDC", key)
     assert found is not None and found.exchange_order_id == placed.exchange_order_id

@@ -100,7 +100,7 @@ class CoinbaseProfile(ExchangeProfile):
         if not order_id:
             return placed
         full: Mapping[str, Any] = venue.call("fetch_order", lambda: venue.client.fetch_order(order_id, market))
-        return full
+        return _exact(full)
 
     def lookup(self, venue: Venue, market: str, client_order_id: str) -> Mapping[str, Any] | None:
         client = venue.client
@@ -114,8 +114,7 @@ class CoinbaseProfile(ExchangeProfile):
             page: Mapping[str, Any] = venue.call("fetch_orders", list_orders)
             for raw in page.get("orders") or []:
                 if raw.get("client_order_id") == client_order_id:
-                    found: Mapping[str, Any] = client.parse_order(raw, info)
-                    return found
+                    return _exact(client.parse_order(raw, info))
             cursor = page.get("cursor")
             if not page.get("has_next") or not cursor:
                 return None
@@ -142,6 +141,13 @@ class CoinbaseProfile(ExchangeProfile):
 
     def settle_window(self, options: Mapping[str, Any]) -> float:
         return token_lifetime(options) + CLOCK_SKEW_S
+
+
+def _exact(order: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The order with Coinbase's own `filled_value` as its cost: ccxt multiplies the filled size by the
+    average price, which Coinbase rounds, so its product can miss the quote actually paid in the last digits."""
+    value = (order.get("info") or {}).get("filled_value")
+    return {**order, "cost": value} if value not in (None, "") else order
 
 
 def token_lifetime(options: Mapping[str, Any]) -> int:
