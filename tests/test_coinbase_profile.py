@@ -63,8 +63,8 @@ def sell(exchange: CcxtExchange, key: str, amount: str = "0.1", price: str = "64
 
 
 def test_settle_window_is_the_token_lifetime_plus_the_clock_skew(tmp_path: Path, emu: Emulator) -> None:
-    assert PROFILES["coinbase"].settle_window({}) == 125.0  # what ccxt signs: 120 s tokens
-    assert exchange_on(tmp_path, emu, jwtLifetime=3).settle_window == 8.0
+    assert PROFILES["coinbase"].settle_window({}) == 122.0  # what ccxt signs: 120 s tokens
+    assert exchange_on(tmp_path, emu, jwtLifetime=3).settle_window == 5.0
     with pytest.raises(InputError, match="jwtLifetime"):
         PROFILES["coinbase"].settle_window({"jwtLifetime": 121})
 

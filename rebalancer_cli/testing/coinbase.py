@@ -284,6 +284,8 @@ class CoinbaseDialect(Dialect):
     content_type = "application/json; charset=utf-8"
     # what the profile gives every client: Advanced Trade's accounts (available and held), not the v2 wallets
     ccxt_options: ClassVar[dict[str, Any]] = dict(CoinbaseProfile.ccxt_options)
+    # 3 s tokens (valid 2 to 3 s after signing, ccxt floors the time) keep recovery's settle waits at 5 s
+    config_options: ClassVar[dict[str, Any]] = {"jwtLifetime": 3}
 
     def __init__(self) -> None:
         self._configs: dict[int, dict[str, Any]] = {}  # order id -> its order_configuration, as sent

@@ -26,8 +26,9 @@ What ccxt 4.5's `coinbase` client does (site-packages/ccxt/coinbase.py) and what
   held on its way longer than its token's lifetime can no longer trade. ccxt signs every request with a
   fresh token right before sending it, always valid 120 s; `exchange.options.jwtLifetime` (seconds, 1 to
   120) makes the profile sign shorter-lived tokens instead (the same claims, through ccxt's own `jwt`), and
-  the settle window is that lifetime plus 5 s for the clocks' skew: 125 s by default. A shorter lifetime
-  shortens every recovery wait, at the price of refusals if the host's clock runs behind Coinbase's.
+  the settle window is that lifetime plus 2 s: 122 s by default. The 2 s assume Coinbase's clock is at most
+  2 s behind this host's (NTP on both; ccxt's whole-second `nbf` only makes a token end earlier). A shorter
+  lifetime shortens every recovery wait, at the price of refusals when this host's clock runs behind.
 * Errors, as ccxt raises them: a 401 is AuthenticationError and PERMISSION_DENIED PermissionDenied (key
   refusals by class); `INSUFFICIENT_FUND` InsufficientFunds; size, price and notional refusals
   (`PREVIEW_INVALID_BASE_SIZE_TOO_SMALL`, `INVALID_SIZE_PRECISION`, ...) come as a plain ExchangeError,
@@ -57,9 +58,9 @@ from ...ids import key_time_ms
 from ..base import Protection
 from .base import Capability, ExchangeProfile, FeeSource, Venue
 
-# Coinbase's CDP key JWT lives at most 120 s ("exp" - "nbf"), what ccxt always signs; 5 s for the clocks' skew
+# Coinbase's CDP key JWT lives at most 120 s ("exp" - "nbf"), what ccxt always signs; 2 s for the clocks' skew
 JWT_LIFETIME_S = 120
-CLOCK_SKEW_S = 5.0
+CLOCK_SKEW_S = 2.0
 LIFETIME_OPTION = "jwtLifetime"
 LOOKBACK_MS = 5 * 60 * 1000
 PAGE = 250
@@ -73,7 +74,7 @@ class CoinbaseProfile(ExchangeProfile):
     sandbox: ClassVar[bool | None] = False
     client_id_rule: ClassVar[str] = "the key as it is: 36 characters (Coinbase takes up to 128)"
     client_id_pattern: ClassVar[re.Pattern[str]] = re.compile(r"^.{1,128}$", re.S)
-    settle_rule: ClassVar[str] = "signed-request (JWT) lifetime + 5 s: 120 s, or options.jwtLifetime"
+    settle_rule: ClassVar[str] = "signed-request (JWT) lifetime + 2 s: 120 s, or options.jwtLifetime"
     fee_source: ClassVar[FeeSource] = "fetchTradingFees"
     lot_rule: ClassVar[str] = (
         "lot: base_increment; min size: base_min_size; min notional: quote_min_size; tick: price_increment"
