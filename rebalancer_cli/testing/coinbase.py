@@ -720,7 +720,7 @@ class CoinbaseDialect(Dialect):
             # "If the ID provided is not unique, the order will not be created and the order corresponding
             # with that ID will be returned instead."
             self.emulator.count(client_id, "duplicates")
-            return _created(existing, self._configs.get(existing.order_id, {}))
+            return _created(existing, self._configs.get(existing.order_id) or _configuration(existing))
         order = self.emulator.submit(client_id, lambda: self._order_request(params))
         assert order is not None
         self._configs[order.order_id] = config if isinstance(config, dict) else {}
@@ -799,7 +799,7 @@ class CoinbaseDialect(Dialect):
             "order_id": order_uuid(o.order_id),
             "product_id": o.market_id,
             "user_id": USER_ID,
-            "order_configuration": self._configs.get(o.order_id, {}),
+            "order_configuration": self._configs.get(o.order_id) or _configuration(o),
             "side": o.side.upper(),
             "client_order_id": o.client_order_id,
             "status": _STATUS[o.status],
@@ -976,6 +976,19 @@ def _failure(error: str, message: str, preview: str | None, config: Any = None) 
             "order_configuration": config if isinstance(config, dict) else {},
         },
     )
+
+
+def _configuration(o: Order) -> dict[str, Any]:
+    """The `order_configuration` of an order placed without this dialect (another client of the account)."""
+    if o.type == "market":
+        size = {"quote_size": plain(o.quote_amount)} if o.quote_amount else {"base_size": plain(o.amount)}
+        return {"market_market_ioc": size}
+    spec = {"base_size": plain(o.amount), "limit_price": plain(o.price)}
+    if o.time_in_force == "IOC":
+        return {"sor_limit_ioc": spec}
+    if o.time_in_force == "FOK":
+        return {"limit_limit_fok": spec}
+    return {"limit_limit_gtc": {**spec, "post_only": o.type == "limit_maker"}}
 
 
 def _not_found() -> ApiError:
