@@ -292,34 +292,42 @@ class CoinbaseDialect(Dialect):
         self._keys: dict[str, Any] = {}  # secret -> public key
 
     def routes(self) -> Mapping[tuple[str, str], Route]:
-        return {
-            ("GET", "/v2/currencies"): Route(self._currencies, const(1), budget="v2"),
-            ("GET", "/v2/currencies/crypto"): Route(self._crypto_currencies, const(1), budget="v2"),
-            ("GET", "/v2/exchange-rates"): Route(self._exchange_rates, const(1), budget="v2"),
-            ("GET", "/v2/time"): Route(self._v2_time, const(1), budget="v2"),
-            ("GET", f"{PREFIX}/time"): Route(self._time, const(1), budget="public"),
-            ("GET", f"{PREFIX}/market/products"): Route(self._products, const(1), budget="public"),
-            ("GET", f"{PREFIX}/market/products/{{product_id}}"): Route(self._product, const(1), budget="public"),
-            ("GET", f"{PREFIX}/market/products/{{product_id}}/ticker"): Route(self._ticker, const(1), budget="public"),
-            ("GET", f"{PREFIX}/market/products/{{product_id}}/candles"): Route(
-                self._candles, const(1), budget="public"
+        one = const(1)  # Coinbase counts requests, not weights
+        routes: dict[tuple[str, str], Route] = {
+            ("GET", "/v2/currencies"): Route(self._currencies, one, budget="v2", name="markets"),
+            ("GET", "/v2/currencies/crypto"): Route(self._crypto_currencies, one, budget="v2", name="markets"),
+            ("GET", "/v2/exchange-rates"): Route(self._exchange_rates, one, budget="v2", name="markets"),
+            ("GET", "/v2/time"): Route(self._v2_time, one, budget="v2"),
+            ("GET", f"{PREFIX}/time"): Route(self._time, one, budget="public"),
+            ("GET", f"{PREFIX}/best_bid_ask"): Route(self._best_bid_ask, one, signed=True, name="tickers"),
+            ("GET", f"{PREFIX}/accounts"): Route(self._accounts, one, signed=True, name="balance"),
+            ("GET", f"{PREFIX}/transaction_summary"): Route(self._transaction_summary, one, signed=True, name="fees"),
+            ("GET", f"{PREFIX}/key_permissions"): Route(self._key_permissions, one, signed=True),
+            ("POST", f"{PREFIX}/orders"): Route(
+                self._create_order, one, signed=True, places_order=True, name="create_order"
             ),
-            ("GET", f"{PREFIX}/market/product_book"): Route(self._product_book, const(1), budget="public"),
-            ("GET", f"{PREFIX}/products"): Route(self._products, const(1), signed=True),
-            ("GET", f"{PREFIX}/products/{{product_id}}"): Route(self._product, const(1), signed=True),
-            ("GET", f"{PREFIX}/products/{{product_id}}/ticker"): Route(self._ticker, const(1), signed=True),
-            ("GET", f"{PREFIX}/products/{{product_id}}/candles"): Route(self._candles, const(1), signed=True),
-            ("GET", f"{PREFIX}/product_book"): Route(self._product_book, const(1), signed=True),
-            ("GET", f"{PREFIX}/best_bid_ask"): Route(self._best_bid_ask, const(1), signed=True),
-            ("GET", f"{PREFIX}/accounts"): Route(self._accounts, const(1), signed=True),
-            ("GET", f"{PREFIX}/transaction_summary"): Route(self._transaction_summary, const(1), signed=True),
-            ("GET", f"{PREFIX}/key_permissions"): Route(self._key_permissions, const(1), signed=True),
-            ("POST", f"{PREFIX}/orders"): Route(self._create_order, const(1), signed=True, places_order=True),
-            ("POST", f"{PREFIX}/orders/batch_cancel"): Route(self._batch_cancel, const(1), signed=True),
-            ("GET", f"{PREFIX}/orders/historical/batch"): Route(self._list_orders, const(1), signed=True),
-            ("GET", f"{PREFIX}/orders/historical/fills"): Route(self._fills, const(1), signed=True),
-            ("GET", f"{PREFIX}/orders/historical/{{order_id}}"): Route(self._get_order, const(1), signed=True),
+            ("POST", f"{PREFIX}/orders/batch_cancel"): Route(self._batch_cancel, one, signed=True, name="cancel_order"),
+            # Coinbase looks orders up by its own id or lists them: both are how a client finds an order
+            ("GET", f"{PREFIX}/orders/historical/batch"): Route(
+                self._list_orders, one, signed=True, name="fetch_order"
+            ),
+            ("GET", f"{PREFIX}/orders/historical/fills"): Route(self._fills, one, signed=True, name="trades"),
+            ("GET", f"{PREFIX}/orders/historical/{{order_id}}"): Route(
+                self._get_order, one, signed=True, name="fetch_order"
+            ),
         }
+        # the product reads exist twice: public under /market (what ccxt uses) and signed without it
+        for market, signed, budget in ((f"{PREFIX}/market", False, "public"), (PREFIX, True, "")):
+            reads = (
+                ("/products", self._products, "markets"),
+                ("/products/{product_id}", self._product, "markets"),
+                ("/products/{product_id}/ticker", self._ticker, "tickers"),
+                ("/products/{product_id}/candles", self._candles, "candles"),
+                ("/product_book", self._product_book, "book"),
+            )
+            for path, handler, name in reads:
+                routes[("GET", market + path)] = Route(handler, one, signed=signed, budget=budget, name=name)
+        return routes
 
     def market_id(self, base: str, quote: str) -> str:
         return f"{base}-{quote}"
