@@ -8,6 +8,7 @@ exception class each answer turns into (the table in `rebalancer_cli/testing/coi
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import urllib.error
@@ -21,7 +22,7 @@ import ccxt
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from rebalancer_cli.exchange.ccxt_exchange import realized_volatility
 from rebalancer_cli.testing.coinbase import CLIENT_ID_MAX, DEFAULT_KEY_NAME, coinbase_client
@@ -233,6 +234,19 @@ def test_bad_signature_unknown_key_and_legacy_hmac_are_401_unauthorized(emulator
         coinbase_client(emulator.base_url, "legacy-key", "legacy-secret").fetch_balance()
     status, body = _raw(emulator, "/api/v3/brokerage/accounts", {})
     assert (status, body) == (401, "Unauthorized")
+
+
+def test_an_ed25519_cdp_key_signs_eddsa_tokens_that_are_verified_too(snapshot_file: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    secret = base64.b64encode(raw + public).decode()  # 88 characters: ccxt signs EdDSA with it
+    name = "0b6e3c1d-2a4f-4e8b-9c7d-1f2e3a4b5c6d"
+    with start_emulator(snapshot_file, exchange="coinbase", api_key=name, secret=secret) as emu:
+        assert coinbase_client(emu.base_url, name, secret).fetch_balance()["BTC"]["free"] == "1.5"
+        other = base64.b64encode(bytes(64)).decode()
+        with pytest.raises(ccxt.AuthenticationError):
+            coinbase_client(emu.base_url, name, other).fetch_balance()
 
 
 def test_a_token_is_valid_two_minutes_and_only_for_its_own_uri(emulator: Emulator) -> None:

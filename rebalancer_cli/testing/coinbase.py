@@ -62,6 +62,7 @@ Coinbase answer                                             ccxt exception class
 403 `PERMISSION_DENIED`                                     PermissionDenied
 429 `{"errors":[{"id":"rate_limit_exceeded"}]}`             RateLimitExceeded
 5xx page (not JSON)                                         ExchangeNotAvailable
+500 `INTERNAL` / 503 `UNAVAILABLE` (JSON)                   ExchangeError (the profile: transient)
 504 `DEADLINE_EXCEEDED` (order outcome unknown)             ExchangeError (ccxt reads the JSON `error`
                                                             before the status: the profile must treat
                                                             it as an unknown outcome, never a refusal)
