@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from rebalancer_cli.exchange.ccxt_exchange import realized_volatility
-from rebalancer_cli.testing.coinbase import CLIENT_ID_MAX, DEFAULT_KEY_NAME, coinbase_client
+from rebalancer_cli.testing.coinbase import CLIENT_ID_MAX, DEFAULT_KEY_NAME, CoinbaseDialect
 from rebalancer_cli.testing.core import Emulator, start_emulator
 
 D = Decimal
@@ -81,6 +81,11 @@ def exchange(emulator: Emulator) -> Any:
 
 def _ioc(client: Any, side: str, amount: str, price: str, cid: str = CID) -> Any:
     return client.create_order("BTC/USD", "limit", side, amount, price, {"timeInForce": "IOC", "client_order_id": cid})
+
+
+def _client(url: str, api_key: str, secret: str) -> Any:
+    """A real `ccxt.coinbase` on the emulator with other credentials than the ones it accepts."""
+    return CoinbaseDialect().client(url, {"apiKey": api_key, "secret": secret})
 
 
 def _raw(emulator: Emulator, path: str, headers: dict[str, str]) -> tuple[int, str]:
@@ -227,11 +232,11 @@ def test_bad_signature_unknown_key_and_legacy_hmac_are_401_unauthorized(emulator
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     ).decode()
     with pytest.raises(ccxt.AuthenticationError):
-        coinbase_client(emulator.base_url, DEFAULT_KEY_NAME, pem).fetch_balance()
+        _client(emulator.base_url, DEFAULT_KEY_NAME, pem).fetch_balance()
     with pytest.raises(ccxt.AuthenticationError):
-        coinbase_client(emulator.base_url, "organizations/x/apiKeys/y", emulator.secret).fetch_balance()
+        _client(emulator.base_url, "organizations/x/apiKeys/y", emulator.secret).fetch_balance()
     with pytest.raises(ccxt.AuthenticationError):  # a legacy key (not a PEM): ccxt signs CB-ACCESS-* headers
-        coinbase_client(emulator.base_url, "legacy-key", "legacy-secret").fetch_balance()
+        _client(emulator.base_url, "legacy-key", "legacy-secret").fetch_balance()
     status, body = _raw(emulator, "/api/v3/brokerage/accounts", {})
     assert (status, body) == (401, "Unauthorized")
 
@@ -243,10 +248,10 @@ def test_an_ed25519_cdp_key_signs_eddsa_tokens_that_are_verified_too(snapshot_fi
     secret = base64.b64encode(raw + public).decode()  # 88 characters: ccxt signs EdDSA with it
     name = "0b6e3c1d-2a4f-4e8b-9c7d-1f2e3a4b5c6d"
     with start_emulator(snapshot_file, exchange="coinbase", api_key=name, secret=secret) as emu:
-        assert coinbase_client(emu.base_url, name, secret).fetch_balance()["BTC"]["free"] == "1.5"
+        assert _client(emu.base_url, name, secret).fetch_balance()["BTC"]["free"] == "1.5"
         other = base64.b64encode(bytes(64)).decode()
         with pytest.raises(ccxt.AuthenticationError):
-            coinbase_client(emu.base_url, name, other).fetch_balance()
+            _client(emu.base_url, name, other).fetch_balance()
 
 
 def test_a_token_is_valid_two_minutes_and_only_for_its_own_uri(emulator: Emulator) -> None:

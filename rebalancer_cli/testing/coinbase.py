@@ -1019,15 +1019,3 @@ def _created(order: Order, config: Mapping[str, Any]) -> dict[str, Any]:
         },
         "order_configuration": dict(config),
     }
-
-
-def coinbase_client(
-    base_url: str,
-    api_key: str = DEFAULT_KEY_NAME,
-    secret: str = DEFAULT_PRIVATE_KEY,
-    *,
-    timeout_ms: int = 10_000,
-    **options: Any,
-) -> Any:
-    """A real `ccxt.coinbase` pointed at `base_url`, for tests (only scheme and host of each URL change)."""
-    return CoinbaseDialect().client(base_url, {"apiKey": api_key, "secret": secret}, timeout_ms=timeout_ms, **options)
