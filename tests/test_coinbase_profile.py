@@ -31,7 +31,7 @@ from rebalancer_cli.exchange.ccxt_exchange import CcxtExchange
 from rebalancer_cli.exchange.profiles import PROFILES
 from rebalancer_cli.ids import new_key
 from rebalancer_cli.runtime import open_exchange
-from rebalancer_cli.testing.coinbase import DEFAULT_KEY_NAME, DEFAULT_PRIVATE_KEY
+from rebalancer_cli.testing.coinbase import DEFAULT_KEY_NAME, DEFAULT_PRIVATE_KEY, order_uuid
 from rebalancer_cli.testing.core import Emulator, OrderRequest, start_emulator
 
 D = Decimal
@@ -119,6 +119,16 @@ def test_a_resent_key_returns_the_first_order_and_trades_nothing_more(tmp_path: 
     assert again.exchange_order_id == first.exchange_order_id and again.filled == D("0.1")
     assert emu.stats()["orders"][key] == {"accepted": 1, "filled": 1, "rejected": 0, "duplicates": 1}
     assert emu.free("BTC") == D("1.4")
+
+
+def test_a_refused_read_back_after_a_create_is_not_a_refusal_of_the_order(tmp_path: Path, emu: Emulator) -> None:
+    exchange = exchange_on(tmp_path, emu)
+    key = new_key()
+    emu.faults.reject_auth(1, code="permission_denied", endpoint=f"/api/v3/brokerage/orders/historical/{order_uuid(1)}")
+    placed = sell(exchange, key)
+    assert not placed.is_final and placed.exchange_order_id == order_uuid(1)  # settled later, by the key
+    found = exchange.fetch_order("BTC/USDC", key)
+    assert found is not None and (found.status, found.filled) == ("closed", D("0.1"))
 
 
 def test_cancel_finds_the_order_by_key_and_leaves_a_final_one_alone(tmp_path: Path, emu: Emulator) -> None:

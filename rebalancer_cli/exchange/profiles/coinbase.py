@@ -18,7 +18,8 @@ What ccxt 4.5's `coinbase` client does (site-packages/ccxt/coinbase.py) and what
   `parse_order` reads the match. Cancel: that lookup, then ccxt's `cancel_order` by Coinbase's order id
   (`/orders/batch_cancel`); an order already final is left as it is.
 * Create answer: `success_response` names the order and nothing else (no status, no fills), so `create`
-  reads the order back by its id (Get Order, a read that may be retried) before answering.
+  reads the order back by its id (Get Order, a read that may be retried) before answering; if that read
+  fails, the bare answer (not final) goes back and the executor settles the order by a lookup of its key.
 * Protected order: `sor_limit_ioc` {base_size, limit_price}, what ccxt sends for a limit with
   timeInForce=IOC: sized in base units, so no "market buy needs a price" refusal.
 * Settle window: a request is authorised by a JWT that expires when its `exp` passes (CDP API key
@@ -53,7 +54,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from ...errors import InputError, OrderNotFoundError
+from ...errors import ExchangeError, InputError, OrderNotFoundError
 from ...ids import key_time_ms
 from ..base import Protection
 from .base import Capability, ExchangeProfile, FeeSource, Venue
@@ -64,6 +65,8 @@ CLOCK_SKEW_S = 2.0
 LIFETIME_OPTION = "jwtLifetime"
 LOOKBACK_MS = 5 * 60 * 1000
 PAGE = 250
+# ccxt's words for the statuses an order cannot leave (OPEN, QUEUED, CANCEL_QUEUED can still be cancelled)
+FINAL = frozenset({"closed", "canceled", "expired", "rejected"})
 
 
 class CoinbaseProfile(ExchangeProfile):
@@ -100,7 +103,12 @@ class CoinbaseProfile(ExchangeProfile):
         order_id = placed.get("id")
         if not order_id:
             return placed
-        full: Mapping[str, Any] = venue.call("fetch_order", lambda: venue.client.fetch_order(order_id, market))
+        try:
+            full: Mapping[str, Any] = venue.call("fetch_order", lambda: venue.client.fetch_order(order_id, market))
+        except ExchangeError:
+            # the order exists; a failed read-back must not pass for a refusal of it: answer what the create
+            # said (no status: not final), and the executor settles it by a lookup of the key
+            return placed
         return _exact(full)
 
     def lookup(self, venue: Venue, market: str, client_order_id: str) -> Mapping[str, Any] | None:
@@ -125,7 +133,7 @@ class CoinbaseProfile(ExchangeProfile):
         order = self.lookup(venue, market, client_order_id)
         if order is None:
             raise OrderNotFoundError(f"coinbase knows no order {client_order_id} on {market}")
-        if order.get("status") != "open":
+        if order.get("status") in FINAL:
             return
         venue.call("cancel_order", lambda: venue.client.cancel_order(order["id"], market))
 
