@@ -25,6 +25,7 @@ from rebalancer_cli.errors import (
     InvalidOrderError,
     OrderNotFoundError,
     RetryableExchangeError,
+    SandboxUnavailableError,
 )
 from rebalancer_cli.exchange.base import Side
 from rebalancer_cli.exchange.ccxt_exchange import CcxtExchange
@@ -46,12 +47,13 @@ def emu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
         yield emulator
 
 
-def exchange_on(tmp_path: Path, emu: Emulator, **options: Any) -> CcxtExchange:
+def exchange_on(tmp_path: Path, emu: Emulator, *, sandbox: bool = False, **options: Any) -> CcxtExchange:
     spec = {
         "id": "coinbase",
         "api_url": emu.base_url,
         "credentials_env": {"apiKey": "CB_KEY", "secret": "CB_SECRET"},
         "options": options,
+        "sandbox": sandbox,
     }
     exchange = open_exchange(load_config(write_config(tmp_path, "coinbase", spec, quote="USDC")))
     assert isinstance(exchange, CcxtExchange)
@@ -67,6 +69,11 @@ def test_settle_window_is_the_token_lifetime_plus_the_clock_skew(tmp_path: Path,
     assert exchange_on(tmp_path, emu, jwtLifetime=3).settle_window == 5.0
     with pytest.raises(InputError, match="jwtLifetime"):
         PROFILES["coinbase"].settle_window({"jwtLifetime": 121})
+
+
+def test_sandbox_is_refused_coinbase_advanced_trade_has_no_testnet(tmp_path: Path, emu: Emulator) -> None:
+    with pytest.raises(SandboxUnavailableError, match="coinbase has no testnet"):
+        exchange_on(tmp_path, emu, sandbox=True)
 
 
 def test_a_request_held_past_its_token_lifetime_is_refused_and_one_within_it_accepted(
