@@ -52,8 +52,15 @@ and why it matters to the callers:
   and the v2 reads are counted, not refused.
 * Order and trade ids are UUIDs that encode the core's integer ids (reversible, no state).
 
+Where the published API does not say, this dialect chose, and says so: the 429 body is the `errors` list
+shape of ccxt's own table (production has also been seen answering an HTML page; ccxt raises the same class
+for both); an accepted order whose outcome the gateway lost answers 504 `DEADLINE_EXCEEDED` and a failed
+backend 500 `INTERNAL` / 503 `UNAVAILABLE` (the gRPC status names Coinbase's gateway errors carry); an
+IOC, FOK or market remainder ends `CANCELLED` (ccxt reads `EXPIRED` the same way); List Orders shows an
+order at once (no replication lag).
+
 What the real ccxt 4.5 client raises for each answer (observed through this emulator, asserted in
-tests/test_emulator.py; the profile's error mapping relies on it):
+tests/test_emulator_coinbase.py; the profile's error mapping relies on it):
 
 =========================================================  ============================================
 Coinbase answer                                             ccxt exception class
