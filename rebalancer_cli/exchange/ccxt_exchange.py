@@ -180,6 +180,7 @@ class CcxtExchange:
         self._markets_loaded = False
         # ccxt logs every request with its headers (the API key) at debug level: format and scrub first
         client.logger = _ScrubbingLogger(self._scrub)
+        self.profile.prepare(client)
         # an order request older than the exchange's acceptance window is refused: after that, "unknown" is final
         self.settle_window = self.profile.settle_window(client.options or {})
         self._account_fees: dict[str, Decimal] | None = None
@@ -221,7 +222,7 @@ class CcxtExchange:
             if not value:
                 raise CredentialsError(f"credential {field} is missing: environment variable {env_name} is not set")
             credentials[field] = value
-        options = {**_LEAN_OPTIONS, **ex.options}
+        options = {**_LEAN_OPTIONS, **profile_for(ex.id).ccxt_options, **ex.options}
         client = klass(
             {
                 **credentials,
@@ -348,8 +349,9 @@ class CcxtExchange:
             return BadSymbolError(message)
         if isinstance(exc, ccxt.InvalidOrder):
             return InvalidOrderError(message)
-        if isinstance(exc, ccxt.BadRequest) and verdict == "filter":
-            # a market rule broken, reported by the exchange as a bad request (Binance's NOTIONAL)
+        if verdict == "filter":
+            # a market rule broken, reported as a bad request (Binance's NOTIONAL) or as a bare ExchangeError
+            # (Coinbase's size rules: ccxt has no class for them)
             return InvalidOrderError(message)
         if isinstance(exc, ccxt.AuthenticationError | ccxt.PermissionDenied | ccxt.AccountSuspended):
             return ExchangeAuthError(message)

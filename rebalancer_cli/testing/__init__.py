@@ -28,6 +28,7 @@ DIALECTS: dict[str, str] = {
     "binance": "rebalancer_cli.testing.binance:BinanceDialect",
     "okx": "rebalancer_cli.testing.okx:OkxDialect",
     "bybit": "rebalancer_cli.testing.bybit:BybitDialect",
+    "coinbase": "rebalancer_cli.testing.coinbase:CoinbaseDialect",
 }
 
 

@@ -56,8 +56,9 @@ Declaring routes:
     cancel_order, balance, book, tickers, markets, trades, fees, candles): `stats()["calls"]` counts by it
     and `stats()["call_log"]` lists them in order, so that the contract suite judges every exchange alike.
     `handler(request)` returns the JSON-ready payload of a 200 answer or raises
-    `ApiError(status, payload)` for the exchange's error answer. The core has parsed the parameters
-    (`Dialect.parse_params`: query string plus form or JSON body by default) and counted the weight.
+    `ApiError(status, payload)` for the exchange's error answer (a `bytes` payload goes out as plain text).
+    The core has parsed the parameters (`Dialect.parse_params`: query string plus form or JSON body by
+    default) and counted the weight.
 
 Authenticating a request:
     For a `signed` route the core first applies a forced `reject_auth` fault (raising
@@ -1094,6 +1095,8 @@ class Emulator:
             return self._handle_locked(method, path, raw_query, raw_body, lowered, route, path_params)
 
     def _encode(self, status: int, payload: Any, headers: list[tuple[str, str]]) -> Reply:
+        if isinstance(payload, bytes):  # an answer some exchanges give as plain text (Coinbase's 401)
+            return Reply(status=status, body=payload, headers=headers, content_type="text/plain; charset=utf-8")
         body = json.dumps(payload, separators=(",", ":")).encode()
         return Reply(status=status, body=body, headers=headers, content_type=self.dialect.content_type)
 

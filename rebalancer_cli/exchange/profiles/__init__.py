@@ -13,12 +13,14 @@ from .base import CAPABILITIES, GENERIC, Capability, ExchangeProfile
 from .binance import BINANCE
 from .okx import OKX
 from .bybit import BYBIT
+from .coinbase import COINBASE
 
 # ccxt exchange id -> its profile; an id not listed here gets GENERIC (plan and snapshot only)
 PROFILES: dict[str, ExchangeProfile] = {
     "binance": BINANCE,
     "okx": OKX,
     "bybit": BYBIT,
+    "coinbase": COINBASE,
 }
 
 __all__ = [

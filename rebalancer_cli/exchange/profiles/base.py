@@ -21,6 +21,7 @@ A profile answers, for one ccxt exchange id:
 * `proven_for`: what the contract suite (tests/test_exchange_contract.py) proves against that exchange's
   emulator. `execute` is refused on a profile not proven for it (`require_proven`).
 * `sandbox`: whether the exchange has testnet or demo URLs (ccxt `set_sandbox_mode`).
+* `ccxt_options`: options the ccxt client needs for this exchange (e.g. which endpoint reads balances).
 
 Adding an exchange: a module here with a subclass and its instance, and one line in `PROFILES`
 (`profiles/__init__.py`), beside its emulator dialect (`rebalancer_cli/testing/`).
@@ -71,6 +72,8 @@ class ExchangeProfile:
     filter_failure: ClassVar[re.Pattern[str] | None] = None
     auth_refusal: ClassVar[re.Pattern[str] | None] = None
     transient: ClassVar[re.Pattern[str] | None] = None
+    # ccxt options the exchange needs (under the config's `exchange.options`, over the adapter's lean defaults)
+    ccxt_options: ClassVar[Mapping[str, Any]] = {}
 
     # -- client order ids -------------------------------------------------------------------------------
 
@@ -128,6 +131,9 @@ class ExchangeProfile:
         return [t for t in trades or [] if str(t.get("order")) == order_id]
 
     # -- timing and errors ----------------------------------------------------------------------------------
+
+    def prepare(self, client: Any) -> None:
+        """Adjust a new ccxt client before its first request (how it signs, say); the default changes nothing."""
 
     def settle_window(self, options: Mapping[str, Any]) -> float:
         """Seconds after a send beyond which the exchange can no longer accept that request."""
