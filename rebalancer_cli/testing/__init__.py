@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # name -> "module:class" of its dialect, imported only when used
 DIALECTS: dict[str, str] = {
     "binance": "rebalancer_cli.testing.binance:BinanceDialect",
+    "kraken": "rebalancer_cli.testing.kraken:KrakenDialect",
 }
 
 
