@@ -83,6 +83,14 @@ class CredentialsError(InputError):
     """Credentials are missing or were refused; retrying cannot help, the operator must act."""
 
 
+class UnprovenExchangeError(InputError):
+    """The exchange's profile is not proven for what was asked (execute, reconcile): nothing was sent."""
+
+
+class SandboxUnavailableError(InputError):
+    """`exchange.sandbox: true` on an exchange without testnet or demo URLs."""
+
+
 # --- unreachable services (exit 3) ------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .config import Config, default_state_dir, load_config
 from .errors import RefusedError
+from .exchange.profiles import require_proven
 from .planner import Plan, PlannerState, plan
 from .snapshot import Snapshot, load_snapshot
 
@@ -143,6 +144,7 @@ def execute(
     from .executor import Executor
 
     config = load_config(config_path)
+    require_proven(config, "execute")  # before anything is opened or sent
     plan_obj = load_saved_plan(saved_plan) if saved_plan is not None else None
     ledger = open_ledger_for(config)
     try:
@@ -231,6 +233,7 @@ def reconcile(config_path: Path, *, repair: bool = False) -> ReconcileReport:
     from .reconcile import reconcile as run
 
     config = load_config(config_path)
+    require_proven(config, "execute")  # it settles and cancels orders as execute does
     ledger = open_ledger_for(config)
     try:
         audit = open_audit_for(config)

@@ -1,5 +1,9 @@
 """Any exchange ccxt supports, behind the project's exchange protocol. The only module that imports ccxt.
 
+This adapter names no exchange: what differs between exchanges (client order ids, the calls by client id,
+the protected order's parameters, the settle window, the exchange's own error codes, where fees and market
+rules come from) is asked of the exchange's profile (`exchange/profiles/`).
+
 Everything that crosses this boundary is converted: ccxt is built with `number=str` and its strings become
 `Decimal` here; ccxt's exceptions become the project's own (retryable or not), with credentials and signed
 query strings scrubbed from their text. Requests are paced by our token bucket (ccxt's own throttle is
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import decimal
 import hashlib
 import itertools
 import json
@@ -23,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -47,17 +52,21 @@ from ..errors import (
     OrderNotFoundError,
     RateLimitedError,
     RebalanceError,
+    SandboxUnavailableError,
+    UnprovenExchangeError,
 )
 from ..fsutil import atomic_write_text
 from ..planner import PlannerState, needs_book
 from ..snapshot import Level, Market, Snapshot
 from .base import FillInfo, OrderResult, Protection, Side, fees_by_currency
 from .breaker import CircuitBreaker
+from .profiles import ExchangeProfile, profile_for
 from .ratelimit import RateLimiter, bucket_for_exchange, limit_per_minute_from_ccxt
 from .retry import RetryPolicy, call_with_retry
 
 T = TypeVar("T")
 ZERO = Decimal(0)
+_WIDE = decimal.Context(prec=80, Emax=999, Emin=-999)
 MARKETS_TTL = 3600.0
 VOLATILITY_TTL = 6 * 3600.0
 FEES_TTL = 6 * 3600.0
@@ -72,36 +81,56 @@ _LEAN_OPTIONS: dict[str, Any] = {
     "fetchMargins": False,
     "adjustForTimeDifference": False,
 }
-_FILTER_FAILURE = re.compile(r"filter failure|MIN_NOTIONAL|NOTIONAL|LOT_SIZE|PRICE_FILTER|MARKET_LOT_SIZE", re.I)
-_DUPLICATE = re.compile(r"duplicate order", re.I)
-# Binance's key/signature refusals (-2014, -2015, -1022). ccxt raises -2015 as DDoSProtection once a private
-# call of the same client object has succeeded (it reads a revoked key as an IP ban); retrying it as a rate
-# limit would hammer the exchange with a dead key, so the text decides, whatever the class.
-_AUTH_REFUSAL = re.compile(
-    r"\"code\":\s*-(2014|2015|1022)\b|Invalid API-key|API-key format invalid|Signature for this request", re.I
-)
+# Exchange numbers beyond these are refused as the exchange's error, never computed with: a Decimal of 10^28
+# or more leaves the 28 digits of the default context (quantize raises, sums round), and no price, amount or
+# balance of a real market is near either bound.
+MAX_MAGNITUDE = 28  # |x| < 10^28
+MIN_MAGNITUDE = -40  # |x| >= 10^-40 unless 0
+MAX_DIGITS = 40
 
 
 def to_decimal(value: Any, what: str = "value") -> Decimal | None:
     """A ccxt number (a string with number=str) as a Decimal; None stays None; junk is an exchange error.
 
     Trailing zeros are dropped (Binance writes "0.00001000"): the value is the same, and a plan or a saved
-    snapshot then reads exactly as one planned from a snapshot file, so the two can be compared as text."""
+    snapshot then reads exactly as one planned from a snapshot file, so the two can be compared as text.
+    NaN, infinities and numbers outside 10^-40..10^28 (or of more than 40 digits) are refused with an
+    ExchangeError naming `what`."""
     if value is None or value == "":
         return None
+    text = str(value)
+    if len(text) > 200:
+        raise ExchangeError(f"exchange sent a {what} that is not a usable number: {text[:40]!r}...")
     try:
-        d = Decimal(str(value))
+        d = Decimal(text)
     except InvalidOperation:
-        raise ExchangeError(f"exchange sent a {what} that is not a number: {str(value)[:40]!r}") from None
+        raise ExchangeError(f"exchange sent a {what} that is not a number: {text[:40]!r}") from None
     if not d.is_finite():
-        raise ExchangeError(f"exchange sent a non-finite {what}: {value!r}")
+        raise ExchangeError(f"exchange sent a non-finite {what}: {text[:40]!r}")
+    if d and not MIN_MAGNITUDE <= d.adjusted() < MAX_MAGNITUDE:
+        raise ExchangeError(f"exchange sent a {what} out of range: {text[:40]!r}")
+    if len(d.as_tuple().digits) > MAX_DIGITS and len(d.normalize(_WIDE).as_tuple().digits) > MAX_DIGITS:
+        raise ExchangeError(f"exchange sent a {what} with more than {MAX_DIGITS} digits: {text[:40]!r}")
     return canonical(d)
 
 
 def canonical(d: Decimal) -> Decimal:
     """The same value without trailing zeros, and never in exponent form (1E+2 reads as a typo)."""
-    n = d.normalize()
-    return n.quantize(Decimal(1)) if n.as_tuple().exponent > 0 else n  # type: ignore[operator]
+    with localcontext(_WIDE):
+        n = d.normalize()
+        return n.quantize(Decimal(1)) if n.as_tuple().exponent > 0 else n  # type: ignore[operator]
+
+
+def step_from_precision(value: Any, precision_mode: int, what: str) -> Decimal | None:
+    """A ccxt market precision (a tick size, or a number of decimal places) as a step; None when unusable."""
+    precision = to_decimal(value, what)
+    if precision is None or precision <= 0:
+        return None
+    if precision_mode == ccxt.TICK_SIZE:
+        return precision
+    if precision_mode == ccxt.DECIMAL_PLACES and precision == precision.to_integral_value():
+        return Decimal(1).scaleb(-int(precision))
+    return None
 
 
 def _required(value: Any, what: str) -> Decimal:
@@ -134,9 +163,11 @@ class CcxtExchange:
         config_fee: Decimal | None = None,
         secrets: tuple[str, ...] = (),
         book_limit: int = BOOK_LIMIT,
+        profile: ExchangeProfile | None = None,
     ) -> None:
         self.id = str(client.id)
-        self.protection: Protection = "ioc_limit"
+        self.profile = profile or profile_for(self.id)
+        self.protection: Protection = self.profile.protection
         self.client = client
         self.calls: Counter[str] = Counter()
         self.limiter = limiter
@@ -149,9 +180,10 @@ class CcxtExchange:
         self._markets_loaded = False
         # ccxt logs every request with its headers (the API key) at debug level: format and scrub first
         client.logger = _ScrubbingLogger(self._scrub)
-        # an order request older than the exchange's receive window is refused: after that, "unknown" is final
-        self.settle_window = float(client.options.get("recvWindow", 10_000)) / 1000 + 1.0
+        # an order request older than the exchange's acceptance window is refused: after that, "unknown" is final
+        self.settle_window = self.profile.settle_window(client.options or {})
         self._account_fees: dict[str, Decimal] | None = None
+        self._fee_misses: set[str] = set()  # markets whose fee the exchange would not tell
         # ccxt calls throttle(cost) before every request when enableRateLimit is on: ours replaces it.
         client.enableRateLimit = True
         client.throttle = self._throttle
@@ -200,7 +232,13 @@ class CcxtExchange:
                 f"{ex.id} needs the credential(s) {', '.join(missing)}: name the environment variables "
                 "holding them in exchange.credentials_env"
             )
+        profile = profile_for(ex.id)
         if ex.sandbox:
+            if not profile.has_sandbox(client.urls):
+                raise SandboxUnavailableError(
+                    f"exchange.sandbox: {ex.id} has no testnet or demo URLs (in ccxt or in its profile); "
+                    "remove `sandbox: true`, or point exchange.api_url at a test server"
+                )
             client.set_sandbox_mode(True)
         api_url = os.environ.get("REBALANCE_EXCHANGE_API_URL") or ex.api_url
         if api_url:
@@ -222,6 +260,7 @@ class CcxtExchange:
             cache_dir=cache_dir,
             config_fee=ex.taker_fee,
             secrets=tuple(credentials.values()),
+            profile=profile,
         )
 
     def _bid_ask(self, bidask: Any, price_key: Any = 0, amount_key: Any = 1, count_key: Any = 2) -> list[Any]:
@@ -231,13 +270,19 @@ class CcxtExchange:
 
     # -- calling ccxt ---------------------------------------------------------------------------------
 
-    def _call(self, endpoint: str, fn: Callable[[], T], *, retry: bool = True) -> T:
+    def call(self, endpoint: str, fn: Callable[[], T], *, retry: bool = True) -> T:
+        """One ccxt call: paced, retried when transient (unless `retry=False`), guarded by the breaker, its
+        exceptions mapped to ours. A number ccxt cannot parse (its own arithmetic on an exchange's junk)
+        is the exchange's error, never a crash."""
+
         def once() -> T:
             self.calls[endpoint] += 1
             try:
                 return fn()
             except ccxt.BaseError as exc:
                 raise self._map(exc) from None
+            except (ArithmeticError, ValueError, TypeError) as exc:
+                raise ExchangeError(self._scrub(f"{self.id}: unusable answer to {endpoint}: {exc}")) from None
 
         def guarded() -> T:  # one attempt through the breaker: an open circuit stops the retries at once
             return self.breaker.call(once)
@@ -255,8 +300,13 @@ class CcxtExchange:
     def _map(self, exc: Exception) -> RebalanceError:
         """ccxt's exception classes into ours; the order of the checks matters (subclasses first)."""
         message = self._scrub(f"{self.id}: {type(exc).__name__}: {exc}")
-        if _AUTH_REFUSAL.search(str(exc)):
+        verdict = self.profile.classify(exc)
+        if verdict == "auth":
+            # whatever ccxt's class (a revoked key may come as DDoSProtection): retrying a dead key as a rate
+            # limit would hammer the exchange
             return ExchangeAuthError(message)
+        if verdict == "transient":
+            return ExchangeUnavailableError(message)
         if isinstance(exc, ccxt.RateLimitExceeded | ccxt.DDoSProtection):
             retry_after = self._retry_after()
             if retry_after:
@@ -268,18 +318,24 @@ class CcxtExchange:
             return ExchangeUnavailableError(message)
         if isinstance(exc, ccxt.NetworkError):
             return ExchangeNetworkError(message)
+        if isinstance(exc, ccxt.OperationFailed):
+            # ccxt's "may succeed if retried" (an internal error of the exchange, a malformed answer): a read is
+            # retried; an order's outcome is unknown and it is looked up, never re-sent blindly
+            return ExchangeUnavailableError(message)
         if isinstance(exc, ccxt.InsufficientFunds):
             return InsufficientFundsError(message)
         if isinstance(exc, ccxt.OrderNotFound):
             return OrderNotFoundError(message)
-        if isinstance(exc, ccxt.InvalidOrder | ccxt.BadRequest) and _DUPLICATE.search(str(exc)):
+        if isinstance(exc, ccxt.DuplicateOrderId) or (
+            verdict == "duplicate" and isinstance(exc, ccxt.InvalidOrder | ccxt.BadRequest)
+        ):
             return OrderAlreadyPlacedError(message)
         if isinstance(exc, ccxt.BadSymbol):
             return BadSymbolError(message)
         if isinstance(exc, ccxt.InvalidOrder):
             return InvalidOrderError(message)
-        if isinstance(exc, ccxt.BadRequest) and _FILTER_FAILURE.search(str(exc)):
-            # Binance reports MIN_NOTIONAL / LOT_SIZE filter failures as BadRequest, not InvalidOrder
+        if isinstance(exc, ccxt.BadRequest) and verdict == "filter":
+            # a market rule broken, reported by the exchange as a bad request (Binance's NOTIONAL)
             return InvalidOrderError(message)
         if isinstance(exc, ccxt.AuthenticationError | ccxt.PermissionDenied | ccxt.AccountSuspended):
             return ExchangeAuthError(message)
@@ -326,7 +382,7 @@ class CcxtExchange:
         if cached:
             self.client.set_markets(cached)
         else:
-            markets = self._call("load_markets", lambda: self.client.load_markets())
+            markets = self.call("load_markets", lambda: self.client.load_markets())
             self._cache_put("markets", {k: _jsonable(v) for k, v in markets.items()})
         self._markets_loaded = True
 
@@ -337,29 +393,16 @@ class CcxtExchange:
         return dict(market)
 
     def _amount_step(self, market: Mapping[str, Any]) -> Decimal:
-        precision = to_decimal((market.get("precision") or {}).get("amount"), "amount precision")
-        if precision is not None and precision > 0:
-            if self.client.precisionMode == ccxt.TICK_SIZE:
-                return precision
-            if self.client.precisionMode == ccxt.DECIMAL_PLACES and precision == precision.to_integral_value():
-                return Decimal(1).scaleb(-int(precision))
-        minimum = to_decimal(((market.get("limits") or {}).get("amount") or {}).get("min"), "min amount")
-        if minimum and minimum > 0:
-            return minimum
-        raise ExchangeError(f"{self.id} gives no usable lot size for {market.get('symbol')}")
+        step = self.profile.amount_step(market, self.client.precisionMode)
+        if step is None:
+            raise ExchangeError(f"{self.id} gives no usable lot size for {market.get('symbol')}")
+        return step
 
     def _price_step(self, market: Mapping[str, Any]) -> Decimal | None:
-        precision = to_decimal((market.get("precision") or {}).get("price"), "price precision")
-        if precision is None or precision <= 0:
-            return None
-        if self.client.precisionMode == ccxt.TICK_SIZE:
-            return precision
-        if self.client.precisionMode == ccxt.DECIMAL_PLACES and precision == precision.to_integral_value():
-            return Decimal(1).scaleb(-int(precision))
-        return None
+        return self.profile.price_step(market, self.client.precisionMode)
 
     def _taker_fee(self, symbol: str, market: Mapping[str, Any]) -> tuple[Decimal, str]:
-        fees = self._fees()
+        fees = self._fees(symbol)
         if symbol in fees:
             return fees[symbol], "account"
         if self._config_fee is not None:
@@ -369,29 +412,46 @@ class CcxtExchange:
             return default, "default"
         raise ExchangeError(f"{self.id} reports no taker fee for {symbol}; set exchange.taker_fee in the config")
 
-    def _fees(self) -> dict[str, Decimal]:
+    def _fee_call(self, symbol: str) -> tuple[Callable[[], Any], bool] | None:
+        """The call that reads the account's own fees, as the profile says the exchange reports them: all
+        markets at once (fetchTradingFees), one market per call (fetchTradingFee: True), or none (config)."""
+        source, has = self.profile.fee_source, self.client.has
+        if not self.client.apiKey or source == "config":
+            return None
+        if source in ("fetchTradingFees", "auto") and has.get("fetchTradingFees"):
+            return (lambda: self.call("fetch_trading_fees", lambda: self.client.fetch_trading_fees())), False
+        if source in ("fetchTradingFee", "auto") and has.get("fetchTradingFee"):
+            one = lambda: {symbol: self.call("fetch_trading_fee", lambda: self.client.fetch_trading_fee(symbol))}  # noqa: E731
+            return one, True
+        return None
+
+    def _fees(self, symbol: str) -> dict[str, Decimal]:
         """The account's own taker fees where the exchange reports them (cached: they change rarely)."""
-        if self._account_fees is not None:
-            return self._account_fees
-        cached = self._cache_get("fees", FEES_TTL)
-        if cached is not None:
-            self._account_fees = {k: Decimal(v) for k, v in cached.items()}
-            return self._account_fees
-        fees: dict[str, Decimal] = {}
-        if self.client.has.get("fetchTradingFees") and self.client.apiKey:
+        if self._account_fees is None:
+            cached = self._cache_get("fees", FEES_TTL)
+            if cached is not None:
+                self._account_fees = {k: Decimal(v) for k, v in cached.items()}
+        read = self._fee_call(symbol)
+        known = self._account_fees
+        if known is not None and (read is None or not read[1] or symbol in known or symbol in self._fee_misses):
+            return known
+        fees: dict[str, Decimal] = dict(known or {})
+        if read is not None:
             try:
-                raw = self._call("fetch_trading_fees", lambda: self.client.fetch_trading_fees())
-                for symbol, entry in (raw or {}).items():
+                raw = read[0]()
+                for market, entry in (raw or {}).items():
                     taker = to_decimal((entry or {}).get("taker"), "taker fee")
                     if taker is not None and taker >= 0:
-                        fees[symbol] = taker
+                        fees[market] = taker
             except ExchangeAuthError:
                 # a refused key is reported by the balance read that follows; remembering "no account fees"
                 # for hours would outlive the fix of the key or its permissions
                 self._account_fees = {}
                 return self._account_fees
             except NonRetryableExchangeError:
-                fees = {}  # not supported for this account: fall back to config/defaults
+                pass  # not supported for this account: fall back to config/defaults
+            if symbol not in fees:
+                self._fee_misses.add(symbol)
         self._account_fees = fees
         self._cache_put("fees", {k: str(v) for k, v in fees.items()})
         return fees
@@ -406,7 +466,7 @@ class CcxtExchange:
             return Decimal(cached) if cached != "none" else None
         if not self.client.has.get("fetchOHLCV"):
             return None
-        candles = self._call("fetch_ohlcv", lambda: self.client.fetch_ohlcv(symbol, "1d", limit=VOLATILITY_DAYS + 1))
+        candles = self.call("fetch_ohlcv", lambda: self.client.fetch_ohlcv(symbol, "1d", limit=VOLATILITY_DAYS + 1))
         closes = [to_decimal(c[4], "close") for c in candles or [] if len(c) > 4]
         vol = realized_volatility([c for c in closes if c is not None and c > 0])
         self._cache_put(name, str(vol) if vol is not None else "none")
@@ -415,7 +475,7 @@ class CcxtExchange:
     # -- protocol -----------------------------------------------------------------------------------------
 
     def fetch_balances(self) -> tuple[dict[str, Decimal], dict[str, Decimal]]:
-        raw = self._call("fetch_balance", lambda: self.client.fetch_balance())
+        raw = self.call("fetch_balance", lambda: self.client.fetch_balance())
         free: dict[str, Decimal] = {}
         locked: dict[str, Decimal] = {}
         for asset, amount in (raw.get("free") or {}).items():
@@ -489,9 +549,9 @@ class CcxtExchange:
     def _tops(self, symbols: list[str]) -> dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]]:
         """Best bid and ask of every market in ONE request."""
         if self.client.has.get("fetchBidsAsks"):
-            raw = self._call("fetch_bids_asks", lambda: self.client.fetch_bids_asks(symbols))
+            raw = self.call("fetch_bids_asks", lambda: self.client.fetch_bids_asks(symbols))
         else:
-            raw = self._call("fetch_tickers", lambda: self.client.fetch_tickers(symbols))
+            raw = self.call("fetch_tickers", lambda: self.client.fetch_tickers(symbols))
         out: dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]] = {}
         for s in symbols:
             t = (raw or {}).get(s)
@@ -508,7 +568,7 @@ class CcxtExchange:
         return out
 
     def _book(self, symbol: str) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
-        raw = self._call("fetch_order_book", lambda: self.client.fetch_order_book(symbol, self._book_limit))
+        raw = self.call("fetch_order_book", lambda: self.client.fetch_order_book(symbol, self._book_limit))
         sides = []
         for side in ("bids", "asks"):
             levels = []
@@ -549,21 +609,19 @@ class CcxtExchange:
     ) -> OrderResult:
         """One attempt, never retried here: after a timeout only a lookup by client order id can tell.
 
-        An immediate-or-cancel limit at `worst_price`: what the book no longer holds at that price expires."""
+        An immediate-or-cancel limit at `worst_price` (what the book no longer holds at that price expires),
+        or a market order where the profile's exchange has no IOC; sized in base units either way. Refused
+        before anything is sent on an exchange whose profile is not proven for execution."""
+        if "execute" not in self.profile.proven_for:
+            raise UnprovenExchangeError(
+                f"orders on {self.id} are refused: its profile is not proven for execute (see `rebalance exchanges`)"
+            )
         self._ensure_markets()
+        exchange_id = self.profile.client_order_id(client_order_id)
         self._hooks.before_send = before_send
         try:
-            raw = self._call(
-                "create_order",
-                lambda: self.client.create_order(
-                    market,
-                    "limit",
-                    str(side),
-                    format(amount, "f"),
-                    format(worst_price, "f"),
-                    {"clientOrderId": client_order_id, "timeInForce": "IOC"},
-                ),
-                retry=False,
+            raw = self.profile.create(
+                self, market, str(side), format(amount, "f"), format(worst_price, "f"), exchange_id
             )
         finally:
             self._hooks.before_send = None
@@ -571,24 +629,18 @@ class CcxtExchange:
 
     def fetch_order(self, market: str, client_order_id: str) -> OrderResult | None:
         self._ensure_markets()
-        try:
-            raw = self._call(
-                "fetch_order",
-                lambda: self.client.fetch_order(None, market, {"clientOrderId": client_order_id}),
-            )
-        except OrderNotFoundError:
+        raw = self.profile.lookup(self, market, self.profile.client_order_id(client_order_id))
+        if raw is None:
             return None
         result = self._order(raw, client_order_id, market)
-        if result.filled and not result.fills and self.client.has.get("fetchMyTrades") and result.exchange_order_id:
+        if result.filled and not result.fills and result.exchange_order_id:
             result = self._with_trades(result)
         return result
 
     def _with_trades(self, order: OrderResult) -> OrderResult:
-        trades = self._call(
-            "fetch_my_trades",
-            lambda: self.client.fetch_my_trades(order.market, None, None, {"orderId": order.exchange_order_id}),
-        )
-        fills = tuple(_fill(t) for t in trades or [] if str(t.get("order")) == order.exchange_order_id)
+        assert order.exchange_order_id is not None
+        trades = self.profile.order_trades(self, order.market, order.exchange_order_id)
+        fills = tuple(_fill(t) for t in trades or [])
         if not fills:
             return order
         fees = fees_by_currency(fills)
@@ -608,10 +660,7 @@ class CcxtExchange:
 
     def cancel_order(self, market: str, client_order_id: str) -> None:
         self._ensure_markets()
-        self._call(
-            "cancel_order",
-            lambda: self.client.cancel_order(None, market, {"clientOrderId": client_order_id}),
-        )
+        self.profile.cancel(self, market, self.profile.client_order_id(client_order_id))
 
     def close(self) -> None:
         session = getattr(self.client, "session", None)
@@ -619,10 +668,12 @@ class CcxtExchange:
             session.close()
 
     def _order(self, raw: Mapping[str, Any], client_order_id: str, market: str) -> OrderResult:
+        """A ccxt order structure as ours; `client_order_id` is our key (the exchange knows it as the
+        profile's client order id)."""
         if not raw:
             raise ExchangeError(f"{self.id} sent an empty order answer")
         returned_id = raw.get("clientOrderId")
-        if returned_id and returned_id != client_order_id:
+        if returned_id and returned_id not in (client_order_id, self.profile.client_order_id(client_order_id)):
             raise ExchangeError(f"{self.id} answered for order {returned_id} when asked about {client_order_id}")
         filled = to_decimal(raw.get("filled"), "filled amount") or ZERO
         cost = to_decimal(raw.get("cost"), "order cost")

@@ -49,6 +49,8 @@ HTTP 504                                                RequestTimeout
 connection closed without an answer                     NetworkError (exactly that class)
 no answer within the client's timeout                   RequestTimeout
 -1007 "Timeout waiting for response from backend..."    RequestTimeout (order status unknown)
+HTTP 503, -1001 "Internal error; unable to process..."  OperationFailed (NOT a NetworkError: the
+                                                        adapter must map it as transient)
 -1013 "Filter failure: LOT_SIZE"                        InvalidOrder (ccxt matches "LOT_SIZE" in
                                                         the body first)
 -1013 "Filter failure: PRICE_FILTER"                    InvalidOrder
@@ -350,6 +352,9 @@ class BinanceDialect(Dialect):
             -1007,
             "Timeout waiting for response from backend server. Send status unknown; execution status unknown.",
         )
+
+    def internal_error(self, status: int) -> ApiError:
+        return _error(status, -1001, "Internal error; unable to process your request. Please try again.")
 
     def extra_headers(self, route: Route, now: float) -> list[tuple[str, str]]:
         stamps = self.emulator.order_stamps

@@ -65,7 +65,8 @@ Rendering an error:
     `duplicate_client_id`, `order_not_found`, `would_take`, `unknown_market`). The core turns it into the
     answer `render_rejection(rejection)` returns. The dialect also renders `rate_limited`, `banned`,
     `unknown_route`, `unknown_status` (the answer of `timeout_after_accept(mode="unknown_status")`) and
-    may add headers to every answer (`extra_headers`). A 5xx fault answers a gateway's HTML page.
+    may add headers to order answers (`extra_headers`). A 5xx fault answers a gateway's HTML page, or
+    with `body="exchange"` the dialect's `internal_error(status)`.
 
 Mapping a client id and placing an order:
     A dialect's place-order handler validates the request the exchange's way, reads the client order id
@@ -424,8 +425,11 @@ def validated_fault(
             raise ValueError(f"mode must be one of {', '.join(_AFTER_ACCEPT_MODES)}")
     elif kind == "http_5xx":
         clean["status"] = int(params.get("status", 503))
+        clean["body"] = str(params.get("body", "gateway"))
         if not 500 <= clean["status"] <= 599:
             raise ValueError("status must be a 5xx HTTP status")
+        if clean["body"] not in ("gateway", "exchange"):
+            raise ValueError("body must be 'gateway' (an HTML page) or 'exchange' (its internal-error JSON)")
     elif kind == "filter_failure":
         clean["filter"] = str(params.get("filter", "LOT_SIZE"))
         if clean["filter"] not in FILTERS:
@@ -509,9 +513,11 @@ class FaultControl:
         status: int = 503,
         endpoint: str | None = None,
         method: str | None = None,
+        body: str = "gateway",
     ) -> None:
-        """Answer `status` without running the request, as a failing gateway does."""
-        self.add("http_5xx", endpoint=endpoint, method=method, count=count, status=status)
+        """Answer `status` without running the request: as a failing gateway does (`body="gateway"`, an HTML
+        page), or with the exchange's own internal-error answer (`"exchange"`, e.g. Binance's -1001)."""
+        self.add("http_5xx", endpoint=endpoint, method=method, count=count, status=status, body=body)
 
     def drop_connection(self, count: int | None = 1, *, endpoint: str | None = None, method: str | None = None) -> None:
         """Close the connection without running the request or answering it."""
@@ -693,6 +699,10 @@ class Dialect:
     def unknown_status(self) -> ApiError:
         """The answer of an accepted order whose outcome the exchange does not know yet."""
         return ApiError(504, {"error": "gateway timeout"})
+
+    def internal_error(self, status: int) -> ApiError:
+        """The exchange's own answer for an internal failure (`faults.http_5xx(body="exchange")`); nothing ran."""
+        return ApiError(status, {"error": "internal error"})
 
     def extra_headers(self, route: Route, now: float) -> list[tuple[str, str]]:
         return []
@@ -1035,6 +1045,9 @@ class Emulator:
         if failure is not None:
             self._counters["5xx"] += 1
             status = int(failure.params["status"])
+            if failure.params.get("body") == "exchange":
+                internal = self.dialect.internal_error(status)
+                return self._encode(internal.status, internal.payload, internal.headers)
             page = f"<html><body><h1>{status} Service Unavailable</h1></body></html>"
             return Reply(status=status, body=page.encode(), content_type="text/html")
         route, path_params = self._route(method, path)
