@@ -332,6 +332,10 @@ class KrakenDialect(Dialect):
     def unknown_route(self, method: str, path: str) -> ApiError:
         return _err("EGeneral:Unknown method", 404)
 
+    def internal_error(self, status: int) -> ApiError:
+        """A failure before anything ran: "EService:Unavailable", the matching engine or API is offline."""
+        return _err("EService:Unavailable", status)
+
     def unknown_status(self) -> ApiError:
         """The engine took the order but the gateway lost track of it: Kraken's "internal error"."""
         return _err("EGeneral:Internal error")

@@ -11,10 +11,12 @@ from ...config import Config
 from ...errors import UnprovenExchangeError
 from .base import CAPABILITIES, GENERIC, Capability, ExchangeProfile
 from .binance import BINANCE
+from .kraken import KRAKEN
 
 # ccxt exchange id -> its profile; an id not listed here gets GENERIC (plan and snapshot only)
 PROFILES: dict[str, ExchangeProfile] = {
     "binance": BINANCE,
+    "kraken": KRAKEN,
 }
 
 __all__ = [
