@@ -14,13 +14,14 @@ _rebalance() {
 }
 _rebalance_words() {
   case "$1" in
-    "") subs="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config"; words="backtest config-schema daemon db execute halt history plan reconcile resume snapshot validate-config --help -h"; fileopts="" ;;
+    "") subs="backtest config-schema daemon db exchanges execute halt history plan reconcile resume snapshot validate-config"; words="backtest config-schema daemon db exchanges execute halt history plan reconcile resume snapshot validate-config --help -h"; fileopts="" ;;
     "backtest") subs="generate"; words="generate --config -c --prices --policy -p --compare --json --chart --spread-bps --depth --levels --fee --initial-value --calendar-period --help -h"; fileopts="--config -c --prices --chart" ;;
     "backtest generate") subs=""; words="--output -o --regime --steps --step --seed --asset --help -h"; fileopts="--output -o" ;;
     "config-schema") subs=""; words="--help -h"; fileopts="" ;;
     "daemon") subs=""; words="--config -c --metrics-port --metrics-host --log-format --log-level --instance-id --lease-ttl --workers --processes --otlp-endpoint --help -h"; fileopts="--config -c" ;;
     "db") subs="migrate"; words="migrate --help -h"; fileopts="" ;;
     "db migrate") subs=""; words="--config -c --database-url --help -h"; fileopts="--config -c" ;;
+    "exchanges") subs=""; words="--json --help -h"; fileopts="" ;;
     "execute") subs=""; words="--config -c --confirm --plan --json --help -h"; fileopts="--config -c --plan" ;;
     "halt") subs=""; words="--config -c --reason --help -h"; fileopts="--config -c" ;;
     "history") subs=""; words="--config -c --limit --json --help -h"; fileopts="--config -c" ;;

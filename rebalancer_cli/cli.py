@@ -397,6 +397,26 @@ def history_cmd(
     _out().print(t)
 
 
+@app.command("exchanges", epilog="Example: rebalance exchanges --json")
+def exchanges_cmd(as_json: JsonOpt = False) -> None:
+    """Exchanges with a profile: what is proven (plan, snapshot, execute), order protection, client order id,
+    settle window, sandbox. Any other ccxt exchange can plan and snapshot; execute is refused there."""
+    from .exchange.profiles import COLUMNS, display_rows
+    from .runtime import exchanges
+
+    if as_json:
+        _print_json(exchanges())
+        return
+    from rich.table import Table
+
+    t = Table(title="Exchanges (any other ccxt id: generic)", title_justify="left")
+    for col in COLUMNS:
+        t.add_column(col)
+    for cells in display_rows():
+        t.add_row(*cells)
+    _out().print(t)
+
+
 @app.command("reconcile", epilog="Example: rebalance reconcile --config examples/treasury.yaml --repair")
 def reconcile_cmd(
     config: ConfigOpt,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, default_state_dir, load_config
 from .errors import RefusedError
@@ -88,6 +88,13 @@ def save_live_snapshot(config_path: Path, out: Path) -> Snapshot:
     snapshot = take_snapshot(config, full_books=True)
     save_snapshot(snapshot, out)
     return snapshot
+
+
+def exchanges() -> list[dict[str, Any]]:
+    """`rebalance exchanges`: every exchange profile and what the contract suite proves for it."""
+    from .exchange.profiles import describe_profiles
+
+    return describe_profiles()
 
 
 def make_plan(

@@ -27,7 +27,14 @@ from rebalancer_cli.errors import (
 )
 from rebalancer_cli.exchange.base import Side
 from rebalancer_cli.exchange.ccxt_exchange import CcxtExchange, to_decimal
-from rebalancer_cli.exchange.profiles import GENERIC, PROFILES, describe_profiles, profile_for, require_proven
+from rebalancer_cli.exchange.profiles import (
+    GENERIC,
+    PROFILES,
+    describe_profiles,
+    markdown_table,
+    profile_for,
+    require_proven,
+)
 from rebalancer_cli.ids import new_key
 from rebalancer_cli.runtime import open_exchange
 from rebalancer_cli.testing import DIALECTS
@@ -196,3 +203,18 @@ def test_a_huge_number_in_an_order_answer_is_refused_with_the_field_named(tmp_pa
     with pytest.raises(ExchangeError, match="filled amount out of range"):
         exchange._order(answer, key, "BTC/USDC")
     exchange.close()
+
+
+# --- `rebalance exchanges` and the README -------------------------------------------------------------------
+
+
+def test_the_exchanges_command_and_the_readme_table_agree_with_the_profiles() -> None:
+    listed = cli("exchanges", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == json.loads(json.dumps(describe_profiles()))
+    table = cli("exchanges")
+    assert table.returncode == 0
+    for exchange_id in [*PROFILES, "generic"]:
+        assert exchange_id in table.stdout
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert markdown_table() in readme, "README's Exchanges table is stale: paste markdown_table() there"

@@ -21,12 +21,15 @@ PROFILES: dict[str, ExchangeProfile] = {
 
 __all__ = [
     "CAPABILITIES",
+    "COLUMNS",
     "GENERIC",
     "PROFILES",
     "Capability",
     "ExchangeProfile",
     "UnprovenExchangeError",
     "describe_profiles",
+    "display_rows",
+    "markdown_table",
     "profile_for",
     "require_proven",
 ]
@@ -54,3 +57,32 @@ def require_proven(config: Config, capability: Capability) -> None:
 def describe_profiles() -> list[dict[str, Any]]:
     """Every registered profile, then the generic one: what `rebalance exchanges` shows."""
     return [*(PROFILES[i].describe() for i in sorted(PROFILES)), GENERIC.describe()]
+
+
+COLUMNS = ("exchange", "proven for", "execute", "protection", "client order id", "settle window", "sandbox")
+
+
+def display_rows() -> list[tuple[str, ...]]:
+    """`describe_profiles` as text cells under `COLUMNS`, for the terminal table and the README's."""
+    out: list[tuple[str, ...]] = []
+    for row in describe_profiles():
+        sandbox = row["sandbox"] if isinstance(row["sandbox"], str) else ("yes" if row["sandbox"] else "no")
+        out.append(
+            (
+                f"{row['id']} ({row['title']})",
+                ", ".join(row["proven"]) or "nothing (plan, snapshot allowed)",
+                "yes" if "execute" in row["allowed"] else "refused (exit 2)",
+                row["protection"],
+                row["client_order_id"],
+                row["settle_window"],
+                sandbox,
+            )
+        )
+    return out
+
+
+def markdown_table() -> str:
+    """The README's table of exchanges: the same cells as `rebalance exchanges`."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in display_rows()]
+    return "\n".join(lines) + "\n"
