@@ -69,14 +69,12 @@ def deadline_seconds(options: Mapping[str, Any]) -> float:
 
 class KrakenProfile(ExchangeProfile):
     id: ClassVar[str] = "kraken"
-    title: ClassVar[str] = "Kraken spot (REST)"
+    title: ClassVar[str] = "Kraken spot REST"
     proven_for: ClassVar[frozenset[Capability]] = frozenset({"plan", "snapshot", "execute"})
     protection: ClassVar[Protection] = "ioc_limit"
     sandbox: ClassVar[bool | None] = False
     client_id_rule: ClassVar[str] = (
-        "the key as it is: cl_ord_id takes a long UUID (36 characters), a short UUID (32 hex) or up to 18 "
-        "characters of text; looked up through OpenOrders/ClosedOrders by cl_ord_id (ccxt's fetch_order "
-        "would send it as userref)"
+        "the key as it is: cl_ord_id takes a 36-character UUID; found via OpenOrders/ClosedOrders by cl_ord_id"
     )
     client_id_pattern: ClassVar[re.Pattern[str]] = re.compile(
         rf"^({_LONG_UUID}|[0-9a-fA-F]{{32}}|[\x21-\x7e]{{1,18}})$"
