@@ -91,7 +91,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 from rebalancer_cli.testing.core import (
@@ -387,7 +387,8 @@ class KrakenDialect(Dialect):
     def _order_info(self, o: Order, with_trades: bool) -> dict[str, Any]:
         m = self.emulator.markets[o.market_id]
         decimals = self._pair_decimals(m)
-        average = o.cost / o.filled if o.filled else Decimal(0)
+        # the average price on the pair's decimals, as Kraken writes it; `cost` is exact
+        average = (o.cost / o.filled).quantize(m.tick, rounding=ROUND_HALF_EVEN) if o.filled else Decimal(0)
         info: dict[str, Any] = {
             "refid": None,
             "userref": self._userrefs.get(o.order_id),
@@ -402,7 +403,7 @@ class KrakenDialect(Dialect):
             "vol_exec": _fixed(o.filled, 8),
             "cost": plain(o.cost) if o.cost else "0.00000",
             "fee": plain(o.fee_total) if o.fee_total else "0.00000",
-            "price": plain(average) if o.filled else f"{Decimal(0):.{decimals}f}",
+            "price": _fixed(average, decimals),
             "stopprice": "0.00000",
             "limitprice": "0.00000",
             "misc": "",
