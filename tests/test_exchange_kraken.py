@@ -61,7 +61,7 @@ def exchange_on(tmp_path: Path, emu: Emulator, **options: Any) -> CcxtExchange:
         "api_url": emu.base_url,
         "credentials_env": {"apiKey": "KRAKEN_KEY", "secret": "KRAKEN_SECRET"},
         "rate_limit_per_minute": 6000,
-        "options": {"deadlineSeconds": 2, **options},
+        "options": {"deadlineSeconds": 3, **options},
     }
     path = write_config(tmp_path, "kraken", config, targets=(("BTC", "0.5", "0.05"), ("USD", "0.5", "0.05")))
     exchange = open_exchange(load_config(path))
@@ -73,7 +73,7 @@ def test_settle_window_is_the_deadline_plus_a_second(tmp_path: Path, emu: Emulat
     profile = PROFILES["kraken"]
     assert profile.settle_window({}) == 11.0
     assert profile.settle_window({"deadlineSeconds": 100}) == 61.0  # Kraken takes at most now + 60 s
-    assert profile.settle_window({"deadlineSeconds": 0.5}) == 3.0  # and at least now + 2 s
+    assert profile.settle_window({"deadlineSeconds": 0.5}) == 4.0  # and at least now + 2 s (3 s, rounded down)
     exchange = exchange_on(tmp_path, emu, deadlineSeconds=4)
     assert exchange.settle_window == 5.0
     exchange.close()
@@ -107,7 +107,7 @@ def test_an_unknown_key_is_none(tmp_path: Path, emu: Emulator) -> None:
 def test_a_request_past_its_deadline_never_traded_and_is_looked_up(tmp_path: Path, emu: Emulator) -> None:
     exchange = exchange_on(tmp_path, emu)
     key = new_key()
-    emu.faults.latency(2500, endpoint="/0/private/AddOrder", count=1)
+    emu.faults.latency(3500, endpoint="/0/private/AddOrder", count=1)
     with pytest.raises(ExchangeUnavailableError, match="EService:Deadline elapsed"):
         exchange.create_order("BTC/USD", Side.SELL, D("0.1"), key, worst_price=D("64985"))
     assert emu.stats()["orders"][key] == {"accepted": 0, "filled": 0, "rejected": 1, "duplicates": 0}

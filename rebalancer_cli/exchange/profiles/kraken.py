@@ -20,10 +20,11 @@ What differs on Kraken, and where it comes from (docs.kraken.com/api, "Spot REST
 * Settle window: Kraken has no receive window (its nonce need only grow), so an order held in flight could
   trade at any later time. Every AddOrder therefore carries `deadline` ("RFC3339 timestamp after which the
   matching engine should reject the new order request ... min now() + 2 seconds, max now() + 60
-  seconds"): 10 s after it is built (ccxt option `deadlineSeconds`, 2 to 60), so the request can no longer
-  be accepted 10 s after it left, and the settle window is that plus 1 s for clock skew. The deadline is
-  set before ccxt's pacing wait, so the window counted from the send is never shorter than the deadline's.
-  A request refused for its deadline (EService:Deadline elapsed) never reached the book: transient.
+  seconds"): 10 s after it is built (ccxt option `deadlineSeconds`, 3 to 60, written in whole seconds and
+  rounded down), so the request can no longer be accepted 10 s after it left; the settle window is that
+  plus 1 s for clock skew. The deadline is set before ccxt's pacing wait, so the window counted from the
+  send is never shorter than the deadline's. A request refused for its deadline (EService:Deadline
+  elapsed) never reached the book: transient, looked up and sent again under the same key.
 * Errors ccxt leaves generic: EAPI:Invalid signature (a key refusal, not an ExchangeError to report as a
   bug), EGeneral:Permission denied and EAuth:*; EOrder:Cost minimum not met, EOrder:Tick size check failed,
   EOrder:Invalid price, EOrder:Order minimum not met and EGeneral:Invalid arguments:volume (filter
@@ -59,12 +60,14 @@ _FILTER = re.compile(
 
 
 def deadline_seconds(options: Mapping[str, Any]) -> float:
-    """The AddOrder deadline's distance from now: the ccxt option `deadlineSeconds`, within Kraken's 2..60."""
+    """The AddOrder deadline's distance from now: the ccxt option `deadlineSeconds`, 3 to 60. Kraken takes
+    now + 2 s to now + 60 s; the deadline is written in whole seconds, rounded down, so 3 s is the least
+    that stays above 2 s."""
     try:
         seconds = float(options.get("deadlineSeconds", DEADLINE_SECONDS))
     except (TypeError, ValueError):
         seconds = DEADLINE_SECONDS
-    return min(max(seconds, 2.0), 60.0)
+    return min(max(seconds, 3.0), 60.0)
 
 
 class KrakenProfile(ExchangeProfile):
@@ -79,7 +82,7 @@ class KrakenProfile(ExchangeProfile):
     client_id_pattern: ClassVar[re.Pattern[str]] = re.compile(
         rf"^({_LONG_UUID}|[0-9a-fA-F]{{32}}|[\x21-\x7e]{{1,18}})$"
     )
-    settle_rule: ClassVar[str] = "AddOrder deadline (10 s, ccxt option deadlineSeconds, 2..60) + 1 s"
+    settle_rule: ClassVar[str] = "AddOrder deadline (10 s, ccxt option deadlineSeconds, 3..60) + 1 s"
     fee_source: ClassVar[FeeSource] = "fetchTradingFee"
     lot_rule: ClassVar[str] = (
         "lot: AssetPairs lot_decimals (or ordermin where it is a multiple of the lot); "
@@ -108,8 +111,9 @@ class KrakenProfile(ExchangeProfile):
         """AddOrder once, with its deadline; then the order as OpenOrders/ClosedOrders show it (the answer
         has neither status nor fill)."""
         client = venue.client
+        # whole seconds, as in Kraken's example (2021-04-01T00:18:45Z), rounded down: never later than asked
         due = datetime.now(UTC) + timedelta(seconds=deadline_seconds(client.options or {}))
-        params = {**self.order_params(client_order_id), "deadline": due.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"}
+        params = {**self.order_params(client_order_id), "deadline": due.strftime("%Y-%m-%dT%H:%M:%SZ")}
         try:
             answer: Mapping[str, Any] = venue.call(
                 "create_order",
