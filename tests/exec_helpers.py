@@ -1,6 +1,6 @@
-"""Files and checks shared by the execution and crash tests: a portfolio that needs a sell then a buy, its
-config for the paper exchange or the Binance emulator, and the three books (exchange, ledger, audit) side by
-side."""
+"""Files and checks shared by the execution, crash and contract tests: a portfolio that needs a sell then a
+buy, its config for the paper exchange or an exchange emulator (Binance unless told), and the three books
+(exchange, ledger, audit) side by side."""
 
 from __future__ import annotations
 
@@ -12,15 +12,28 @@ import sys
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rebalancer_cli.testing.emulator import DEFAULT_API_KEY, DEFAULT_SECRET
+from rebalancer_cli.testing import load_dialect
+
+if TYPE_CHECKING:
+    from rebalancer_cli.executor import ExecutionReport, OrderOutcome
+    from rebalancer_cli.testing.core import Emulator
 
 D = Decimal
 ASSETS = ("BTC", "ETH", "USDC")
 # BTC is overweight and ETH underweight: every plan sells BTC first, then buys ETH with what it freed
 OPENING = {"BTC": D("1.5"), "ETH": D("5"), "USDC": D("30000")}
-CREDENTIALS_ENV = {"EMU_API_KEY": DEFAULT_API_KEY, "EMU_SECRET": DEFAULT_SECRET}
+# ccxt credential field -> the environment variable the test configs name for it
+ENV_NAMES = {"apiKey": "EMU_API_KEY", "secret": "EMU_SECRET", "password": "EMU_PASSWORD"}
+
+
+def emulator_credentials(exchange: str = "binance") -> dict[str, str]:
+    """The environment holding the credentials that `exchange`'s emulator accepts by default."""
+    return {ENV_NAMES[name]: value for name, value in load_dialect(exchange).credentials.items()}
+
+
+CREDENTIALS_ENV = emulator_credentials()
 
 
 def levels(best: str, step: str, amount: str, n: int = 12) -> list[list[str]]:
@@ -87,15 +100,23 @@ def write_config(
     return path
 
 
-def emulator_exchange(url: str, **extra: Any) -> dict[str, Any]:
+def emulator_exchange(url: str, *, exchange: str = "binance", **extra: Any) -> dict[str, Any]:
+    """The `exchange:` block of a config on `exchange`'s emulator at `url`, with the dialect's test options
+    (short acceptance windows keep the settle waits of recovery short)."""
+    dialect = load_dialect(exchange)
     return {
-        "id": "binance",
+        "id": dialect.ccxt_id,
         "api_url": url,
-        "credentials_env": {"apiKey": "EMU_API_KEY", "secret": "EMU_SECRET"},
-        # a short receive window keeps the settle waits of recovery short (ccxt sends it with every request)
-        "options": {"recvWindow": 1000},
+        "credentials_env": {name: ENV_NAMES[name] for name in dialect.credentials},
+        "options": dict(dialect.config_options),
         **extra,
     }
+
+
+def emu_config(tmp_path: Path, emulator: Emulator, pid: str, **kw: Any) -> Path:
+    """A config on `emulator` (whatever its exchange); `exchange_extra` adds keys to its exchange block."""
+    exchange = emulator_exchange(emulator.base_url, exchange=emulator.dialect.name, **kw.pop("exchange_extra", {}))
+    return write_config(tmp_path, pid, exchange, **kw)
 
 
 def stores(backend: str, redis_url: str | None = None, database_url: str | None = None) -> dict[str, str]:
@@ -104,6 +125,32 @@ def stores(backend: str, redis_url: str | None = None, database_url: str | None 
         return {}
     assert redis_url and database_url
     return {"redis_url": redis_url, "database_url": database_url}
+
+
+def comparable(plan_json: str, *, threshold: bool = True) -> dict[str, Any]:
+    """A plan without what differs between any two runs: its ids and the snapshot's time."""
+    d: dict[str, Any] = json.loads(plan_json)
+    d.pop("plan_id", None)
+    d.pop("taken_at", None)
+    for t in d["trades"]:
+        t.pop("idempotency_key")
+    if not threshold:
+        for a in d["assets"]:
+            a.pop("threshold")
+    return d
+
+
+def once(emulator: Any, key_status: str, symbol: str, action: Any) -> Any:
+    """A listener that does `action` the first time `symbol`'s order reaches `key_status`: after the snapshot
+    and the plan, just before the order leaves (for `locked`)."""
+    done: list[bool] = []
+
+    def listener(o: OrderOutcome) -> None:
+        if not done and o.symbol == symbol and o.status == key_status:
+            done.append(True)
+            action()
+
+    return listener
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -186,3 +233,18 @@ def order_counts(stats: dict[str, Any]) -> dict[str, dict[str, int]]:
 def assert_each_key_filled_at_most_once(stats: dict[str, Any]) -> None:
     for key, c in order_counts(stats).items():
         assert c["accepted"] <= 1 and c["filled"] <= 1, f"idempotency key {key} traded twice: {c}"
+
+
+def check_consistent(
+    config: Path, emulator: Emulator, report: ExecutionReport, opening: dict[str, Decimal] = OPENING
+) -> None:
+    """What the emulator saw agrees with the run: no key filled twice, exactly the keys sent reached it, and
+    exchange, ledger and audit hold the same amounts (from `opening`); reconcile finds nothing to repair."""
+    from rebalancer_cli.runtime import reconcile
+
+    stats = emulator.stats()
+    assert_each_key_filled_at_most_once(stats)
+    sent = {o.key for o in report.outcomes + report.recovered if o.status not in ("refused", "skipped", "cancelled")}
+    assert set(order_counts(stats)) == sent
+    assert_books_agree(config, emulator.state(), opening)
+    assert reconcile(config).consistent

@@ -29,6 +29,7 @@ import pytest
 import typer
 import yaml
 from conftest import EXAMPLES
+from exec_helpers import comparable
 
 from rebalancer_cli.cli import app, main
 from rebalancer_cli.config import load_config
@@ -127,19 +128,6 @@ def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, st
     out = capsys.readouterr()
     code = done.value.code
     return (code if isinstance(code, int) else 0), out.out, out.err
-
-
-def comparable(plan_json: str, *, threshold: bool = True) -> dict[str, Any]:
-    """A plan without what differs between any two runs: its ids and the snapshot's time."""
-    d = json.loads(plan_json)
-    d.pop("plan_id", None)
-    d.pop("taken_at", None)
-    for t in d["trades"]:
-        t.pop("idempotency_key")
-    if not threshold:
-        for a in d["assets"]:
-            a.pop("threshold")
-    return d
 
 
 def requests(emu: Emulator) -> dict[str, int]:
@@ -594,6 +582,7 @@ def test_no_command_ever_shows_or_writes_the_credentials(tmp_path: Path) -> None
         runs: dict[str, list[object]] = {
             "validate-config": ["validate-config", cfg],
             "config-schema": ["config-schema"],
+            "exchanges": ["exchanges", "--json"],
             "plan": ["plan", "--config", cfg],
             "plan --json": ["plan", "--config", cfg, "--json", "--detailed-exitcode"],
             "snapshot": ["snapshot", "--config", cfg, "-o", snap],

@@ -218,3 +218,15 @@ def test_the_exchanges_command_and_the_readme_table_agree_with_the_profiles() ->
         assert exchange_id in table.stdout
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     assert markdown_table() in readme, "README's Exchanges table is stale: paste markdown_table() there"
+
+
+def test_a_first_execute_on_the_testnet_as_the_readme_shows(tmp_path: Path, emu: Emulator) -> None:
+    """`sandbox: true` with the emulator standing in for the testnet host (ccxt's testnet paths are Binance's)."""
+    config = write_config(tmp_path, "testnet", emulator_exchange(emu.base_url, sandbox=True))
+    dry = cli("execute", "--config", str(config))
+    assert dry.returncode == 2 and emu.stats()["orders"] == {}
+    done = cli("execute", "--config", str(config), "--confirm", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["status"] == "done"
+    again = cli("plan", "--config", str(config), "--json")
+    assert json.loads(again.stdout)["trades"] == []

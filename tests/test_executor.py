@@ -19,19 +19,20 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import exec_helpers
 import pytest
 from exec_helpers import (
     BOOKS,
     CREDENTIALS_ENV,
     OPENING,
     assert_books_agree,
-    assert_each_key_filled_at_most_once,
     audit_holdings,
     cli,
-    emulator_exchange,
+    emu_config,
     emulator_holdings,
     ledger_holdings,
     levels,
+    once,
     order_counts,
     stores,
     write_config,
@@ -264,35 +265,16 @@ def test_sells_settle_before_buys_and_buys_spend_the_quote_they_freed(tmp_path: 
 def emu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
     for name, value in CREDENTIALS_ENV.items():
         monkeypatch.setenv(name, value)
-    with start_emulator(write_snapshot(tmp_path / "emulator.yaml", {**OPENING, "BNB": D("10")})) as emulator:
+    with start_emulator(write_snapshot(tmp_path / "emulator.yaml", EMU_OPENING)) as emulator:
         yield emulator
 
 
-def emu_config(tmp_path: Path, emulator: Emulator, pid: str, **kw: Any) -> Path:
-    exchange = emulator_exchange(emulator.base_url, **kw.pop("exchange_extra", {}))
-    return write_config(tmp_path, pid, exchange, **kw)
-
-
-def once(emulator: Emulator, key_status: str, symbol: str, action: Any) -> Any:
-    """A listener that does `action` the first time `symbol`'s order reaches `key_status`: after the snapshot
-    and the plan, just before the order leaves (for `locked`)."""
-    done: list[bool] = []
-
-    def listener(o: OrderOutcome) -> None:
-        if not done and o.symbol == symbol and o.status == key_status:
-            done.append(True)
-            action()
-
-    return listener
+# the emulator's opening balances: the portfolio's, and BNB for fees in a third currency
+EMU_OPENING = {**OPENING, "BNB": D("10")}
 
 
 def check_consistent(config: Path, emulator: Emulator, report: ExecutionReport) -> None:
-    stats = emulator.stats()
-    assert_each_key_filled_at_most_once(stats)
-    sent = {o.key for o in report.outcomes + report.recovered if o.status not in ("refused", "skipped", "cancelled")}
-    assert set(order_counts(stats)) == sent
-    assert_books_agree(config, emulator.state(), {**OPENING, "BNB": D("10")})
-    assert reconcile(config).consistent
+    exec_helpers.check_consistent(config, emulator, report, EMU_OPENING)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis+postgres"])

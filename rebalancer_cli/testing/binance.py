@@ -246,6 +246,8 @@ class BinanceDialect(Dialect):
         "fetchMargins": False,
         "adjustForTimeDifference": False,
     }
+    # ccxt sends recvWindow with every signed request: 1 s keeps recovery's settle waits at 2 s
+    config_options: ClassVar[dict[str, Any]] = {"recvWindow": 1000}
 
     def routes(self) -> Mapping[tuple[str, str], Route]:
         return {

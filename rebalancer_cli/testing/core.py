@@ -44,7 +44,9 @@ Declaring what it is (class attributes):
     `weight_window` (its defaults), `fee_in`, `fee_decimals`, `max_tick` (the coarsest price tick a
     market gets; the tick is derived from the book's prices), `client_id_pattern` (the exchange's rule,
     checked by the dialect where the exchange checks it), `auth_codes` and `default_auth_code` (the
-    refusals `faults.reject_auth(code=...)` can force), `content_type`, `ccxt_options`.
+    refusals `faults.reject_auth(code=...)` can force), `content_type`, `ccxt_options` (options of the
+    ccxt client `Dialect.client` builds), `config_options` (the `exchange.options` of test configs: short
+    acceptance windows keep the settle waits of recovery short).
 
 Declaring routes:
     `routes()` returns `{(METHOD, path): Route(handler, weight, signed=..., budget=..., places_order=...)}`.
@@ -652,6 +654,8 @@ class Dialect:
     default_auth_code: ClassVar[int | str | None] = None
     content_type: ClassVar[str] = "application/json;charset=UTF-8"
     ccxt_options: ClassVar[dict[str, Any]] = {}
+    # the `exchange.options` a test config uses against this emulator (e.g. a short acceptance window)
+    config_options: ClassVar[dict[str, Any]] = {}
 
     emulator: Emulator
 
