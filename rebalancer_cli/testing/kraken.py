@@ -242,11 +242,15 @@ class KrakenDialect(Dialect):
     auth_codes = _AUTH
     default_auth_code = "EAPI:Invalid key"
     content_type = "application/json; charset=utf-8"
+    # test configs: the shortest AddOrder deadline the Kraken profile sends (3 s), so recovery waits 4 s
+    config_options: ClassVar[dict[str, Any]] = {"deadlineSeconds": 3}
 
     def __init__(self) -> None:
         self._last_nonce = 0
         self._userrefs: dict[int, int] = {}  # order id -> userref
-        self._explicit: set[int] = set()  # order ids placed with a cl_ord_id
+        # orders placed without a cl_ord_id (their core client id is generated); every other order, also one
+        # placed through the core (`Emulator.rest_order`), carries its client id as its cl_ord_id
+        self._anonymous: set[int] = set()
 
     def routes(self) -> Mapping[tuple[str, str], Route]:
         def public(handler: Callable[[Request], Any]) -> Route:
@@ -392,7 +396,7 @@ class KrakenDialect(Dialect):
         info: dict[str, Any] = {
             "refid": None,
             "userref": self._userrefs.get(o.order_id),
-            "cl_ord_id": o.client_order_id if o.order_id in self._explicit else None,
+            "cl_ord_id": None if o.order_id in self._anonymous else o.client_order_id,
             "status": _STATUS.get(o.status, "canceled"),
             "reason": None,
             "opentm": _seconds(o.time),
@@ -440,7 +444,7 @@ class KrakenDialect(Dialect):
         chosen = list(orders)
         cl_ord_id = params.get("cl_ord_id")
         if cl_ord_id:
-            chosen = [o for o in chosen if o.order_id in self._explicit and o.client_order_id == cl_ord_id]
+            chosen = [o for o in chosen if o.order_id not in self._anonymous and o.client_order_id == cl_ord_id]
         userref = params.get("userref")
         if userref not in (None, ""):
             try:
@@ -634,8 +638,8 @@ class KrakenDialect(Dialect):
         order = self.emulator.submit(client_id, lambda: self._order_request(market, params), test=test)
         if order is None:
             return {"descr": {"order": self._describe_request(market, params)}}
-        if cl_ord_id:
-            self._explicit.add(order.order_id)
+        if not cl_ord_id:
+            self._anonymous.add(order.order_id)
         if ref is not None:
             self._userrefs[order.order_id] = ref
         return {"descr": {"order": self._descr(order, market)["order"]}, "txid": [_ident("O", order.order_id)]}
