@@ -244,6 +244,9 @@ class KrakenDialect(Dialect):
     content_type = "application/json; charset=utf-8"
     # test configs: the shortest AddOrder deadline the Kraken profile sends (3 s), so recovery waits 4 s
     config_options: ClassVar[dict[str, Any]] = {"deadlineSeconds": 3}
+    # test configs are a Pro-tier account, as the private budget here is: ccxt paces Kraken for the Starter
+    # tier (rateLimit 1000 ms, a private call costing 3: 0.33 calls/s); Pro decays 1 call/s = 180 a minute
+    config_exchange: ClassVar[dict[str, Any]] = {"rate_limit_per_minute": 180}
 
     def __init__(self) -> None:
         self._last_nonce = 0

@@ -39,13 +39,14 @@ What differs on Kraken, and where it comes from (docs.kraken.com/api, "Spot REST
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, ClassVar
 
-from ...errors import InvalidOrderError, NonRetryableExchangeError, OrderAlreadyPlacedError
+from ...errors import ExchangeError, InvalidOrderError, NonRetryableExchangeError, OrderAlreadyPlacedError
 from ..base import Protection
 from .base import Capability, ExchangeProfile, FeeSource, Venue
 
@@ -129,26 +130,34 @@ class KrakenProfile(ExchangeProfile):
             if _FILTER.search(str(exc)):
                 raise InvalidOrderError(str(exc)) from None
             raise
-        found = self.lookup(venue, market, client_order_id)
+        # closed only: an immediate-or-cancel order is closed once answered; one still open (or missed while
+        # it closed) leaves the create answer, which the executor cancels and looks up again
+        found = self._find(venue, client_order_id, ("fetch_closed_orders",))
         return found if found is not None else answer
 
     def lookup(self, venue: Venue, market: str, client_order_id: str) -> Mapping[str, Any] | None:
-        """The order under this `cl_ord_id`: open ones first, then closed ones. An id Kraken let us use twice
-        (it is unique among open orders only) is an error, never one of the two orders silently."""
+        """The order under this `cl_ord_id`: open ones, else closed ones. Open first: an order moves from
+        open to closed, never back, so one that closes between the two calls is still seen by the second
+        (closed first could miss it, and an order missed here is sent again)."""
+        return self._find(venue, client_order_id, ("fetch_open_orders", "fetch_closed_orders"))
+
+    def _find(self, venue: Venue, client_order_id: str, calls: tuple[str, ...]) -> Mapping[str, Any] | None:
+        """The first of `calls` (ccxt's fetch_open_orders / fetch_closed_orders, filtered by cl_ord_id) that
+        knows the order. An id Kraken let us use twice (it is unique among open orders only) is an error,
+        never one of the two orders silently."""
         client = venue.client
         self._index_altnames(client)
         params = {"clientOrderId": client_order_id}
-        found = list(venue.call("fetch_open_orders", lambda: client.fetch_open_orders(None, None, None, params)))
-        if not found:
-            found = list(
-                venue.call("fetch_closed_orders", lambda: client.fetch_closed_orders(None, None, None, params))
-            )
-        found = [o for o in found if o.get("clientOrderId") == client_order_id]
+        found: list[Mapping[str, Any]] = []
+        for name in calls:
+            method: Callable[..., list[Mapping[str, Any]]] = getattr(client, name)
+            answer = venue.call(name, functools.partial(method, None, None, None, params))
+            found = [o for o in answer if o.get("clientOrderId") == client_order_id]
+            if found:
+                break
         if not found:
             return None
         if len(found) > 1:
-            from ...errors import ExchangeError
-
             raise ExchangeError(
                 f"kraken holds {len(found)} orders under client order id {client_order_id}: "
                 f"{', '.join(str(o.get('id')) for o in found)}; settle them by hand"
@@ -157,7 +166,7 @@ class KrakenProfile(ExchangeProfile):
         # ccxt recomputes cost as filled x average (Kraken's average is rounded to the pair's decimals);
         # Kraken's own `cost` is the exact quote amount of the fills
         exact = (order.get("info") or {}).get("cost")
-        if exact is not None and order.get("filled") not in (None, "0", "0.00000000"):
+        if exact is not None:
             order["cost"] = exact
         return order
 
