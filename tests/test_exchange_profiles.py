@@ -10,13 +10,24 @@ internal error on a read is retried; and absurd numbers from an exchange are its
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from exec_helpers import CREDENTIALS_ENV, cli, emulator_exchange, write_config, write_snapshot
+from exec_helpers import (
+    CREDENTIALS_ENV,
+    check_consistent,
+    cli,
+    emu_config,
+    emulator_exchange,
+    order_counts,
+    write_config,
+    write_snapshot,
+)
 
 from rebalancer_cli.config import load_config
 from rebalancer_cli.errors import (
@@ -35,8 +46,9 @@ from rebalancer_cli.exchange.profiles import (
     profile_for,
     require_proven,
 )
+from rebalancer_cli.exchange.profiles.binance import BinanceProfile
 from rebalancer_cli.ids import new_key
-from rebalancer_cli.runtime import open_exchange
+from rebalancer_cli.runtime import execute, open_exchange
 from rebalancer_cli.testing import DIALECTS
 from rebalancer_cli.testing.emulator import Emulator, start_emulator
 
@@ -230,3 +242,27 @@ def test_a_first_execute_on_the_testnet_as_the_readme_shows(tmp_path: Path, emu:
     assert json.loads(done.stdout)["status"] == "done"
     again = cli("plan", "--config", str(config), "--json")
     assert json.loads(again.stdout)["trades"] == []
+
+
+def test_the_adapter_sends_and_looks_up_the_profile_client_order_id_not_the_key(
+    tmp_path: Path, emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A profile whose client order id is not the key (OKX's kind: the UUID's 32 hex digits): create, lookup
+    after a dropped answer, and the books all go through the mapping."""
+
+    class HexIds(BinanceProfile):
+        def client_order_id(self, key: str) -> str:
+            return key.replace("-", "")
+
+        def key_of(self, client_order_id: str) -> str | None:
+            return str(uuid.UUID(client_order_id)) if re.fullmatch(r"[0-9a-f]{32}", client_order_id) else None
+
+    monkeypatch.setitem(PROFILES, "binance", HexIds())
+    config = emu_config(tmp_path, emu, "hex-ids")
+    emu.faults.timeout_after_accept(mode="drop")  # the first answer is lost: found again by its client id
+    report = execute(config)
+    assert report.status == "done"
+    counts = order_counts(emu.stats())
+    assert {HexIds().key_of(c) for c in counts} == {o.key for o in report.outcomes}
+    assert all(re.fullmatch(r"[0-9a-f]{32}", c) for c in counts)
+    check_consistent(config, emu, report)

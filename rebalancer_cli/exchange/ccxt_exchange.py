@@ -519,7 +519,7 @@ class CcxtExchange:
                 quote=info["quote"],
                 taker_fee=fee,
                 amount_step=self._amount_step(info),
-                min_notional=to_decimal(((info.get("limits") or {}).get("cost") or {}).get("min"), "min cost") or ZERO,
+                min_notional=self.profile.min_notional(info) or ZERO,
                 bids=bids,
                 asks=asks,
                 volatility=vols[s],

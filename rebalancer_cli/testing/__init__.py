@@ -4,8 +4,15 @@ per exchange (`core.py` documents the dialect API; `binance.py` is the first dia
 It lives in the package (not under tests/) so that subprocess tests, benchmarks and operators trying the
 tool without an exchange account can all run `python -m rebalancer_cli.testing.emulator --exchange NAME`.
 
-Adding an exchange's emulator: write `rebalancer_cli/testing/<name>.py` with a `core.Dialect` subclass and
-add one line to `DIALECTS`.
+Adding an exchange (named by its ccxt id everywhere):
+1. `rebalancer_cli/testing/<id>.py`: a `core.Dialect` subclass (the API is in `core.py`'s docstring;
+   `binance.py` is a complete example), and one line in `DIALECTS` below.
+2. `rebalancer_cli/exchange/profiles/<id>.py`: an `ExchangeProfile` subclass and its instance (see
+   `profiles/base.py`), and one line in `PROFILES` (`profiles/__init__.py`).
+3. `pytest tests/test_exchange_contract.py tests/test_exchange_profiles.py -k <id>`: the contract suite
+   runs on every pair registered under the same name; claim `execute` in `proven_for` only when it passes.
+4. Paste `markdown_table()` (`rebalancer_cli.exchange.profiles`) into the README's Exchanges section (a
+   test compares them).
 """
 
 from __future__ import annotations

@@ -253,22 +253,28 @@ class BinanceDialect(Dialect):
         return {
             ("GET", "/api/v3/ping"): Route(self._ping, const(1)),
             ("GET", "/api/v3/time"): Route(self._time, const(1)),
-            ("GET", "/api/v3/exchangeInfo"): Route(self._exchange_info, const(20)),
-            ("GET", "/api/v3/depth"): Route(self._depth, _depth_weight),
-            ("GET", "/api/v3/klines"): Route(self._klines, const(2)),
-            ("GET", "/api/v3/ticker/bookTicker"): Route(self._book_ticker, _one_or_all_weight(2, 4)),
+            ("GET", "/api/v3/exchangeInfo"): Route(self._exchange_info, const(20), name="markets"),
+            ("GET", "/api/v3/depth"): Route(self._depth, _depth_weight, name="book"),
+            ("GET", "/api/v3/klines"): Route(self._klines, const(2), name="candles"),
+            ("GET", "/api/v3/ticker/bookTicker"): Route(self._book_ticker, _one_or_all_weight(2, 4), name="tickers"),
             ("GET", "/api/v3/ticker/price"): Route(self._ticker_price, _one_or_all_weight(2, 4)),
             ("GET", "/api/v3/ticker/24hr"): Route(self._ticker_24hr, _ticker_24hr_weight),
-            ("GET", "/api/v3/account"): Route(self._account, const(20), signed=True),
-            ("POST", "/api/v3/order"): Route(self._new_order, const(1), signed=True, places_order=True),
+            ("GET", "/api/v3/account"): Route(self._account, const(20), signed=True, name="balance"),
+            ("POST", "/api/v3/order"): Route(
+                self._new_order, const(1), signed=True, places_order=True, name="create_order"
+            ),
             ("POST", "/api/v3/order/test"): Route(self._test_order, const(1), signed=True),
-            ("GET", "/api/v3/order"): Route(self._get_order, const(4), signed=True),
-            ("DELETE", "/api/v3/order"): Route(self._cancel_order, const(1), signed=True),
+            ("GET", "/api/v3/order"): Route(self._get_order, const(4), signed=True, name="fetch_order"),
+            ("DELETE", "/api/v3/order"): Route(self._cancel_order, const(1), signed=True, name="cancel_order"),
             ("GET", "/api/v3/openOrders"): Route(self._open_orders, _one_or_all_weight(6, 80), signed=True),
             ("GET", "/api/v3/allOrders"): Route(self._all_orders, const(20), signed=True),
-            ("GET", "/api/v3/myTrades"): Route(self._my_trades, lambda p: 5 if "orderId" in p else 20, signed=True),
+            ("GET", "/api/v3/myTrades"): Route(
+                self._my_trades, lambda p: 5 if "orderId" in p else 20, signed=True, name="trades"
+            ),
             ("GET", "/sapi/v1/system/status"): Route(self._system_status, const(1), budget="sapi"),
-            ("GET", "/sapi/v1/asset/tradeFee"): Route(self._trade_fee, const(1), signed=True, budget="sapi"),
+            ("GET", "/sapi/v1/asset/tradeFee"): Route(
+                self._trade_fee, const(1), signed=True, budget="sapi", name="fees"
+            ),
         }
 
     def market_id(self, base: str, quote: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from rebalancer_cli.snapshot import Snapshot
 from rebalancer_cli.testing import core
@@ -52,35 +53,12 @@ __all__ = [
 ]
 
 
-def start_emulator(
-    snapshot: Path | str | Snapshot,
-    *,
-    exchange: str | Dialect = "binance",
-    port: int = 0,
-    weight_limit: int | None = None,
-    api_key: str | None = None,
-    secret: str | None = None,
-    password: str | None = None,
-    weight_window: float | None = None,
-    client_order_id_scope: ClientOrderIdScope = "open",
-    ban_after: int = 3,
-    ban_seconds: float = 120.0,
-) -> Emulator:
+def start_emulator(snapshot: Path | str | Snapshot, *, exchange: str | Dialect = "binance", **options: Any) -> Emulator:
     """Start a loopback exchange serving `snapshot` on 127.0.0.1 (`port=0`: any free port); Binance unless
-    `exchange` names another registered dialect (`rebalancer_cli.testing.DIALECTS`)."""
-    return core.start_emulator(
-        snapshot,
-        exchange=exchange,
-        port=port,
-        weight_limit=weight_limit,
-        api_key=api_key,
-        secret=secret,
-        password=password,
-        weight_window=weight_window,
-        client_order_id_scope=client_order_id_scope,
-        ban_after=ban_after,
-        ban_seconds=ban_seconds,
-    )
+    `exchange` names another registered dialect (`rebalancer_cli.testing.DIALECTS`). `options` are
+    `core.Emulator`'s: port, weight_limit, weight_window, api_key, secret, password, client_order_id_scope,
+    ban_after, ban_seconds."""
+    return core.start_emulator(snapshot, exchange=exchange, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
