@@ -256,32 +256,40 @@ class KrakenDialect(Dialect):
         self._anonymous: set[int] = set()
 
     def routes(self) -> Mapping[tuple[str, str], Route]:
-        def public(handler: Callable[[Request], Any]) -> Route:
-            return Route(self._wrap(handler), const(1), budget="public")
+        def public(handler: Callable[[Request], Any], name: str) -> Route:
+            return Route(self._wrap(handler), const(1), budget="public", name=name)
 
-        def private(handler: Callable[[Request], Any], weight: int = 1, budget: str = "private") -> Route:
-            return Route(self._wrap(handler), const(weight), signed=True, budget=budget)
+        def private(handler: Callable[[Request], Any], name: str, weight: int = 1) -> Route:
+            return Route(self._wrap(handler), const(weight), signed=True, budget="private", name=name)
 
         return {
-            ("GET", "/0/public/Time"): public(self._time),
-            ("GET", "/0/public/SystemStatus"): public(self._system_status),
-            ("GET", "/0/public/Assets"): public(self._assets),
-            ("GET", "/0/public/AssetPairs"): public(self._asset_pairs),
-            ("GET", "/0/public/Ticker"): public(self._ticker),
-            ("GET", "/0/public/Depth"): public(self._depth),
-            ("GET", "/0/public/OHLC"): public(self._ohlc),
-            ("POST", "/0/private/Balance"): private(self._balance),
-            ("POST", "/0/private/BalanceEx"): private(self._balance_ex),
-            ("POST", "/0/private/TradeVolume"): private(self._trade_volume),
-            ("POST", "/0/private/OpenOrders"): private(self._open_orders),
-            ("POST", "/0/private/ClosedOrders"): private(self._closed_orders),
-            ("POST", "/0/private/QueryOrders"): private(self._query_orders),
-            ("POST", "/0/private/TradesHistory"): private(self._trades_history, 2),
-            ("POST", "/0/private/QueryTrades"): private(self._query_trades),
+            ("GET", "/0/public/Time"): public(self._time, "time"),
+            ("GET", "/0/public/SystemStatus"): public(self._system_status, "status"),
+            ("GET", "/0/public/Assets"): public(self._assets, "markets"),
+            ("GET", "/0/public/AssetPairs"): public(self._asset_pairs, "markets"),
+            ("GET", "/0/public/Ticker"): public(self._ticker, "tickers"),
+            ("GET", "/0/public/Depth"): public(self._depth, "book"),
+            ("GET", "/0/public/OHLC"): public(self._ohlc, "candles"),
+            ("POST", "/0/private/Balance"): private(self._balance, "balance"),
+            ("POST", "/0/private/BalanceEx"): private(self._balance_ex, "balance"),
+            ("POST", "/0/private/TradeVolume"): private(self._trade_volume, "fees"),
+            ("POST", "/0/private/OpenOrders"): private(self._open_orders, "fetch_order"),
+            ("POST", "/0/private/ClosedOrders"): private(self._closed_orders, "fetch_order"),
+            ("POST", "/0/private/QueryOrders"): private(self._query_orders, "fetch_order"),
+            ("POST", "/0/private/TradesHistory"): private(self._trades_history, "trades", 2),
+            ("POST", "/0/private/QueryTrades"): private(self._query_trades, "trades"),
+            # AddOrder and CancelOrder are outside the REST counter, on the trading engine's own limiter
             ("POST", "/0/private/AddOrder"): Route(
-                self._wrap(self._add_order), const(1), signed=True, budget="trading", places_order=True
+                self._wrap(self._add_order),
+                const(1),
+                signed=True,
+                budget="trading",
+                places_order=True,
+                name="create_order",
             ),
-            ("POST", "/0/private/CancelOrder"): private(self._cancel_order, budget="trading"),
+            ("POST", "/0/private/CancelOrder"): Route(
+                self._wrap(self._cancel_order), const(1), signed=True, budget="trading", name="cancel_order"
+            ),
         }
 
     def market_id(self, base: str, quote: str) -> str:
