@@ -837,18 +837,6 @@ def _opt_seconds(params: Mapping[str, Any], name: str) -> float | None:
         raise _invalid(name) from None
 
 
-def kraken_client(
-    base_url: str,
-    api_key: str = DEFAULT_API_KEY,
-    secret: str = DEFAULT_SECRET,
-    *,
-    timeout_ms: int = 10_000,
-    **options: Any,
-) -> Any:
-    """A real `ccxt.kraken` pointed at `base_url`, for tests (only scheme and host of every URL change)."""
-    return KrakenDialect().client(base_url, {"apiKey": api_key, "secret": secret}, timeout_ms=timeout_ms, **options)
-
-
 def now_rfc3339(offset_seconds: float = 0.0) -> str:
     """An AddOrder `deadline` `offset_seconds` from now."""
     stamp = now_ms() / 1000 + offset_seconds
