@@ -16,7 +16,7 @@ What differs on Kraken, and where it comes from (docs.kraken.com/api, "Spot REST
 * Protected order: `ordertype=limit`, `timeinforce=IOC` at the worst acceptable price, `volume` in base
   units, `oflags=fciq` (fee in the quote asset: ccxt's trade parser labels every trade fee with the quote,
   so a fee charged in base would be misread). The AddOrder answer carries no status and no fill, so
-  `create` looks the order up by `cl_ord_id` right after it is accepted.
+  `create` reads the order from ClosedOrders by `cl_ord_id` right after it is accepted.
 * Settle window: Kraken has no receive window (its nonce need only grow), so an order held in flight could
   trade at any later time. Every AddOrder therefore carries `deadline` ("RFC3339 timestamp after which the
   matching engine should reject the new order request ... min now() + 2 seconds, max now() + 60
@@ -34,6 +34,12 @@ What differs on Kraken, and where it comes from (docs.kraken.com/api, "Spot REST
   Lot size: AssetPairs `lot_decimals` (ccxt precision.amount); minimum size `ordermin` (limits.amount.min)
   where it is a multiple of the lot, the step used instead so no order falls below it; min notional:
   `costmin` (limits.cost.min). Price tick: `pair_decimals` (ccxt precision.price).
+* Pacing: ccxt paces Kraken for the Starter tier (rateLimit 1000 ms and a private call costing 3: one every
+  3 s, Kraken's 0.33/s counter decay) and counts public calls (limited per IP on Kraken) in the same
+  budget. On the Intermediate or Pro tier set `exchange.rate_limit_per_minute` to 90 or 180 (the contract
+  suite runs as Pro). At Starter pace, a snapshot read right after a 429 (our bucket drained by its
+  Retry-After) takes about 8 s, over the default `max_snapshot_skew` of 5 s: that execute is refused before
+  anything is sent, and the next run proceeds.
 * Sandbox: none for spot (ccxt's features say so; Kraken's demo environment is for futures only).
 """
 
