@@ -244,3 +244,31 @@ def test_unknown_method_and_pair(emulator: Emulator, client: Any) -> None:
         client.publicGetDepth({"pair": "NOPE"})
     with urllib.request.urlopen(emulator.base_url + "/0/public/Time") as answer:
         assert b'"unixtime"' in answer.read()
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        ("EAPI:Invalid key", ccxt.AuthenticationError),
+        ("EAPI:Invalid signature", ccxt.ExchangeError),
+        ("EGeneral:Permission denied", ccxt.PermissionDenied),
+    ],
+)
+def test_forced_key_refusals(client: Any, emulator: Emulator, code: str, error: type[Exception]) -> None:
+    emulator.faults.reject_auth(count=1, code=code)
+    with pytest.raises(error, match=code):
+        client.fetch_balance()
+
+
+def test_tick_size_and_lockout(client: Any, emulator: Emulator) -> None:
+    emulator.faults.filter_failure("PRICE_FILTER")
+    with pytest.raises(ccxt.ExchangeError, match="EOrder:Tick size check failed"):
+        ioc(client, "buy", "0.1", "65015")
+    emulator.faults.too_many_requests(retry_after=30)
+    with pytest.raises(ccxt.DDoSProtection, match="EAPI:Rate limit exceeded"):
+        client.fetch_balance()
+    client.fetch_balance()  # sending on during Retry-After: answered, but counted
+    client.fetch_balance()
+    with pytest.raises(ccxt.DDoSProtection, match="EGeneral:Temporary lockout"):
+        client.fetch_balance()
+    assert emulator.stats()["requests_during_retry_after"] == 3

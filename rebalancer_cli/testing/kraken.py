@@ -78,6 +78,7 @@ EGeneral:Invalid arguments:volume                       InvalidOrder (broad ":In
 EGeneral:Invalid arguments:<other field>                ExchangeError (only the bare text is BadRequest)
 EOrder:Unknown order (CancelOrder)                      OrderNotFound (ccxt's cancel_order rewrites it)
 EQuery:Unknown asset pair                               ExchangeError (ccxt maps "Invalid asset pair")
+EService:Unavailable (5xx fault with body="exchange")   ExchangeNotAvailable
 HTTP 5xx page (fault)                                   ExchangeNotAvailable (504: RequestTimeout)
 =====================================================  ===========================================
 """
