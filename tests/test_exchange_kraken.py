@@ -143,3 +143,26 @@ def test_refusals_ccxt_leaves_generic_are_what_they_are(
     with pytest.raises(ExchangeAuthError, match="EAPI:Invalid signature"):
         refused.fetch_balances()
     refused.close()
+
+
+def test_ordermin_is_the_step_where_it_is_whole_lots() -> None:
+    """Kraken's `ordermin` (0.00005 BTC) is far above its lot (1e-8): sizes in steps of ordermin never fall
+    below it; a minimum that is not whole lots leaves the lot, and Kraken refuses what falls below."""
+    import ccxt
+
+    profile = PROFILES["kraken"]
+
+    def market(minimum: str) -> dict[str, Any]:
+        return {"precision": {"amount": "0.00000001"}, "limits": {"amount": {"min": minimum}}}
+
+    assert profile.amount_step(market("0.00005"), ccxt.TICK_SIZE) == D("0.00005")
+    assert profile.amount_step(market("0.000000015"), ccxt.TICK_SIZE) == D("0.00000001")
+    assert profile.amount_step(market("0.00000001"), ccxt.TICK_SIZE) == D("0.00000001")
+
+
+def test_only_a_long_uuid_is_one_of_our_keys() -> None:
+    profile = PROFILES["kraken"]
+    key = new_key()
+    assert profile.client_order_id(key) == key and profile.key_of(key) == key
+    assert profile.key_of("free-text-id") is None
+    assert profile.client_id_pattern.match("free-text-id")  # Kraken takes it, but it is none of ours
