@@ -112,6 +112,7 @@ def emulator_exchange(url: str, *, exchange: str = "binance", **extra: Any) -> d
         "api_url": url,
         "credentials_env": {name: ENV_NAMES[name] for name in dialect.credentials},
         "options": dict(dialect.config_options),
+        **dialect.config_exchange,
         **extra,
     }
 

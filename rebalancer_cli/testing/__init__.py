@@ -29,6 +29,7 @@ DIALECTS: dict[str, str] = {
     "okx": "rebalancer_cli.testing.okx:OkxDialect",
     "bybit": "rebalancer_cli.testing.bybit:BybitDialect",
     "coinbase": "rebalancer_cli.testing.coinbase:CoinbaseDialect",
+    "kraken": "rebalancer_cli.testing.kraken:KrakenDialect",
 }
 
 

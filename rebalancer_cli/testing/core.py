@@ -47,7 +47,8 @@ Declaring what it is (class attributes):
     checked by the dialect where the exchange checks it), `auth_codes` and `default_auth_code` (the
     refusals `faults.reject_auth(code=...)` can force), `content_type`, `ccxt_options` (options of the
     ccxt client `Dialect.client` builds), `config_options` (the `exchange.options` of test configs: short
-    acceptance windows keep the settle waits of recovery short).
+    acceptance windows keep the settle waits of recovery short), `config_exchange` (other keys of their
+    `exchange:` block, e.g. a `rate_limit_per_minute` matching the account tier the emulator's budgets model).
 
 Declaring routes:
     `routes()` returns `{(METHOD, path): Route(handler, weight, signed=..., budget=..., places_order=...,
@@ -695,6 +696,7 @@ class Dialect:
     ccxt_options: ClassVar[dict[str, Any]] = {}
     # the `exchange.options` a test config uses against this emulator (e.g. a short acceptance window)
     config_options: ClassVar[dict[str, Any]] = {}
+    config_exchange: ClassVar[dict[str, Any]] = {}
 
     emulator: Emulator
 

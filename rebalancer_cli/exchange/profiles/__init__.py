@@ -11,9 +11,10 @@ from ...config import Config
 from ...errors import UnprovenExchangeError
 from .base import CAPABILITIES, GENERIC, Capability, ExchangeProfile
 from .binance import BINANCE
-from .okx import OKX
 from .bybit import BYBIT
 from .coinbase import COINBASE
+from .kraken import KRAKEN
+from .okx import OKX
 
 # ccxt exchange id -> its profile; an id not listed here gets GENERIC (plan and snapshot only)
 PROFILES: dict[str, ExchangeProfile] = {
@@ -21,6 +22,7 @@ PROFILES: dict[str, ExchangeProfile] = {
     "okx": OKX,
     "bybit": BYBIT,
     "coinbase": COINBASE,
+    "kraken": KRAKEN,
 }
 
 __all__ = [
