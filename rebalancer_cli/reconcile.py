@@ -20,6 +20,9 @@ from .ledger.base import ShadowLedger
 
 ZERO = Decimal(0)
 RECENT_ORDERS = 50
+# the audit reason of an order whose report stayed suspect: closed from the exchange's balances, its fills
+# (at a price that cannot be true) not booked, so its filled amount is not compared again
+SETTLED_FROM_BALANCES = "reconcile: settled from the exchange's balances"
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,10 @@ def reconcile(
                     Difference("order", key, "never placed", "", record.status.value, "intent left by an earlier run")
                 )
             continue
-        if found.filled != record.filled or (found.is_final and not record.status.terminal):
+        settled_by_balances = (record.reason or "").startswith(SETTLED_FROM_BALANCES) and record.status.terminal
+        if (found.filled != record.filled and not settled_by_balances) or (
+            found.is_final and not record.status.terminal
+        ):
             report.differences.append(
                 Difference(
                     "order",
@@ -190,7 +196,7 @@ def _repair(
                         d.subject,
                         OrderStatus.FILLED if found.filled > 0 else OrderStatus.CANCELLED,
                         at=now(),
-                        reason=f"reconcile: {outcome.reason}; booked from the exchange's balances, fills untrusted",
+                        reason=f"{SETTLED_FROM_BALANCES}; its report: {outcome.reason}",
                     )
                     report.repaired.append(
                         f"order {d.subject}: closed from the exchange's balances (its report stays suspect); "

@@ -46,7 +46,7 @@ from hypothesis import strategies as st
 from rebalancer_cli.audit.base import OrderIntent, OrderStatus
 from rebalancer_cli.cli import main
 from rebalancer_cli.config import load_config
-from rebalancer_cli.errors import InputError
+from rebalancer_cli.errors import ExitCode, HaltedError, InputError
 from rebalancer_cli.executor import ExecutionReport, Executor, OrderOutcome
 from rebalancer_cli.ids import new_key
 from rebalancer_cli.plan_file import load_saved_plan, plan_digest
@@ -758,3 +758,51 @@ _FUZZ_BASE = json.dumps(
         "notes": [],
     }
 )
+
+
+# --- an exchange that fills outside the bound, or reports what cannot be true ----------------------------
+
+
+def test_a_fill_far_below_the_bound_halts_the_portfolio_and_the_next_order_never_leaves(
+    tmp_path: Path, emu: Emulator, unique_id: str
+) -> None:
+    config = emu_config(tmp_path, emu, unique_id)
+    emu.faults.bad_fill("30000")  # the sell fills at 30,000 against a 64,990 bid
+    report = execute(config)
+    sell = report.outcomes[0]
+    assert (report.status, report.exit_code) == ("halted", ExitCode.BAD_FILL)
+    assert sell.status == "breached" and sell.avg_price == D("30000")
+    assert "beyond its worst acceptable price" in sell.reason and sell.key in sell.reason
+    assert [o.status for o in report.outcomes[1:]] == ["refused"]  # the buy was stopped by the halt
+    counts = order_counts(emu.stats())
+    assert list(counts) == [sell.key]  # judged at the exchange: the buy never left
+    halted = open_ledger_for(load_config(config))
+    try:
+        halt = halted.halted(unique_id)
+    finally:
+        halted.close()
+    assert halt is not None and sell.key in halt.reason
+    check_consistent(config, emu, report)  # what did fill is booked exactly
+    with pytest.raises(HaltedError):
+        execute(config)
+
+
+def test_a_zero_price_fill_is_held_as_suspect_and_reconcile_repair_unwedges_the_portfolio(
+    tmp_path: Path, emu: Emulator, unique_id: str, rebalance: Cli
+) -> None:
+    config = emu_config(tmp_path, emu, unique_id)
+    emu.faults.bad_fill("0")
+    report = execute(config)
+    sell = report.outcomes[0]
+    assert (report.status, sell.status) == ("halted", "suspect")
+    assert "price 0" in sell.reason and sell.key in sell.reason
+    assert rebalance("execute", "--config", str(config), "--confirm").returncode == 5  # halted, named, no crash
+    repaired = rebalance("reconcile", "--config", str(config), "--repair")
+    assert repaired.returncode == 0, repaired.stderr
+    assert sell.key in repaired.stdout and "stays halted" in repaired.stdout
+    assert rebalance("resume", "--config", str(config)).returncode == 0
+    again = rebalance("execute", "--config", str(config), "--confirm", "--json")
+    assert again.returncode == 0, again.stderr  # not wedged: it plans from the exchange's balances and trades
+    assert order_counts(emu.stats())[sell.key]["accepted"] == 1  # the suspect order was never sent again
+    assert make_plan(config)[1].trades == ()
+    assert reconcile(config).consistent

@@ -381,6 +381,7 @@ FAULT_KINDS = (
     "insufficient_balance",
     "filter_failure",
     "reject_auth",
+    "bad_fill",
 )
 
 
@@ -449,6 +450,11 @@ def validated_fault(
         clean["filter"] = str(params.get("filter", "LOT_SIZE"))
         if clean["filter"] not in FILTERS:
             raise ValueError(f"filter must be one of {', '.join(FILTERS)}")
+    elif kind == "bad_fill":
+        try:
+            clean["price"] = str(Decimal(str(params.get("price", "0"))))
+        except ArithmeticError:
+            raise ValueError("bad_fill price must be a decimal number") from None
     elif kind == "reject_auth":
         code = params.get("code")
         if dialect is not None:
@@ -459,7 +465,7 @@ def validated_fault(
     unknown = set(params) - set(clean)
     if unknown:
         raise ValueError(f"unknown parameters for fault {kind}: {', '.join(sorted(unknown))}")
-    if kind in ("insufficient_balance", "filter_failure"):
+    if kind in ("insufficient_balance", "filter_failure", "bad_fill"):
         endpoint, method = endpoint or ORDER_ENDPOINT, method or "POST"
     if endpoint == ORDER_ENDPOINT and dialect is not None:
         endpoint = dialect.order_path
@@ -554,6 +560,11 @@ class FaultControl:
     def insufficient_balance(self, count: int | None = 1) -> None:
         """Refuse the next new order(s) as short of funds, whatever the balances."""
         self.add("insufficient_balance", count=count)
+
+    def bad_fill(self, price: Decimal | str | int, count: int | None = 1) -> None:
+        """Misbehave: fill the next new order(s) in full at `price`, whatever its limit and the book (0 for a
+        zero-price fill). For proving that the tool bounds what it accepts, judged by what was filled here."""
+        self.add("bad_fill", count=count, price=str(price))
 
     def filter_failure(self, filter: str = "LOT_SIZE", count: int | None = 1) -> None:
         """Refuse the next new order(s) for breaking a market rule: LOT_SIZE, NOTIONAL or PRICE_FILTER."""
@@ -1364,6 +1375,8 @@ class Emulator:
         fills = [] if req.type == "limit_maker" else _walk(levels, quantity, side, price)
         if req.type == "limit" and req.time_in_force == "FOK" and sum(q for _, q in fills) < quantity:
             fills = []
+        if not test and (bad := self.faults.take("bad_fill", "POST", self.dialect.order_path)) is not None:
+            fills = [(Decimal(bad.params["price"]), quantity)]  # the limit and the book ignored
         if not test and any(
             o.client_order_id == client_order_id and (o.is_open or self._client_order_id_scope == "any")
             for o in self.orders.values()
