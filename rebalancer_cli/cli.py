@@ -759,6 +759,7 @@ def snapshot_cmd(
         f"{output}: {len(snap.markets)} markets, {len(snap.balances)} balances, taken at "
         f"{render.when(snap.taken_at)} ({snap.skew_seconds:.3f}s apart)",
         markup=False,
+        soft_wrap=True,  # a path is copied from here: never broken across lines
     )
 
 
