@@ -11,6 +11,7 @@ the audit store; the next run settles it from the exchange before planning anew.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any, Literal
 
 from . import failpoints, killswitch
 from .audit.base import AuditStore, Fill, OrderIntent, OrderRecord, OrderStatus
+from .concurrency import side_by_side
 from .config import Config
 from .costs import DEFAULT_PRICE_BOUND, CostModel, worst_acceptable_price
 from .errors import (
@@ -247,6 +249,8 @@ class Executor:
         self._halted_by: str | None = None
         # worst acceptable price of each order sent in this run, for the check of its fills
         self._bounds: dict[str, Decimal] = {}
+        # set by an order of a group that found the circuit open: the rest of the cycle is skipped
+        self._circuit_open: CircuitOpenError | None = None
 
     # -- the cycle ------------------------------------------------------------------------------------------
 
@@ -397,36 +401,92 @@ class Executor:
             self.listener(o)
 
     def _execute(self, plan: Plan, snapshot: Snapshot, report: ExecutionReport, *, saved: bool) -> None:
-        turnover = ZERO
+        """The sells, side by side (each sells its own asset: they are independent), then the buys, side by
+        side too once their amounts are fixed: each is fitted, in plan order, to the quote the sells really
+        freed minus what the buys before it may spend. Every order follows the same per-key protocol (intent,
+        lock, SENT, fenced send, settle), so running them at once changes nothing of what a crash or a second
+        writer can do to any one of them; it only stops them waiting for each other's round trips."""
         mids = {a.symbol: a.mid for a in plan.assets}
-        for trade, outcome in zip(plan.trades, report.outcomes, strict=True):
-            if self.stop.is_set():
-                outcome.status, outcome.reason = "skipped", "shutting down: not started"
-                self._emit(outcome)
-                continue
-            if self._halted_by is not None:
-                outcome.status, outcome.reason = "refused", f"portfolio halted during this cycle: {self._halted_by}"
-                self._emit(outcome)
-                continue
-            refusal = self._guard(trade, mids.get(trade.symbol), turnover, snapshot)
-            if refusal:
-                outcome.status, outcome.reason = "refused", refusal
-                self.audit.record_event(
-                    self.pid, "guard_refused", {"key": trade.idempotency_key, "why": refusal}, self.clock()
-                )
-                self._emit(outcome)
-                continue
-            try:
-                with span("order", portfolio=self.pid, market=trade.market, side=trade.side, key=trade.idempotency_key):
-                    self._one(plan, trade, outcome, snapshot, saved=saved)
-            except CircuitOpenError as exc:
-                outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
-                self._emit(outcome)
-                for rest in report.outcomes[report.outcomes.index(outcome) + 1 :]:
-                    rest.status, rest.reason = "skipped", "circuit breaker open: cycle ended"
-                    self._emit(rest)
+        pairs = list(zip(plan.trades, report.outcomes, strict=True))
+        turnover = ZERO
+        for side in ("sell", "buy"):
+            group = [(t, o) for t, o in pairs if t.side == side]
+            ready: list[tuple[Trade, OrderOutcome]] = []
+            for trade, outcome in group:
+                refusal = self._admit(trade, outcome, mids, turnover, snapshot)
+                if refusal is None:
+                    ready.append((trade, outcome))
+                    turnover += CostModel().estimate(snapshot.markets[trade.market], trade.side, trade.amount).notional
+            amounts = self._fit_buys(ready, snapshot) if side == "buy" else [t.amount for t, _ in ready]
+            self._send_group(plan, ready, amounts, snapshot, saved=saved)
+            if self._circuit_open is not None:
+                for _, rest in pairs:
+                    if rest.status == "pending":
+                        rest.status, rest.reason = "skipped", "circuit breaker open: cycle ended"
+                        self._emit(rest)
                 return
-            turnover += outcome.cost
+            # the buys are admitted against what the sells really traded, not their estimate
+            turnover = sum((o.cost for t, o in pairs if t.side == "sell"), ZERO)
+
+    def _admit(
+        self, trade: Trade, outcome: OrderOutcome, mids: dict[str, Decimal], turnover: Decimal, snapshot: Snapshot
+    ) -> str | None:
+        """The checks before an order may start, in plan order; the reason it may not, already reported."""
+        if self.stop.is_set():
+            outcome.status, outcome.reason = "skipped", "shutting down: not started"
+        elif self._halted_by is not None:
+            outcome.status, outcome.reason = "refused", f"portfolio halted during this cycle: {self._halted_by}"
+        else:
+            refusal = self._guard(trade, mids.get(trade.symbol), turnover, snapshot)
+            if refusal is None:
+                return None
+            outcome.status, outcome.reason = "refused", refusal
+            self.audit.record_event(
+                self.pid, "guard_refused", {"key": trade.idempotency_key, "why": refusal}, self.clock()
+            )
+        self._emit(outcome)
+        return outcome.reason
+
+    def _fit_buys(self, ready: list[tuple[Trade, OrderOutcome]], snapshot: Snapshot) -> list[Decimal]:
+        """Each buy's amount, in plan order, against the quote still free once the buys before it are counted
+        at the most they may spend (their limit, fee included): sent at once, they can never overspend."""
+        free: dict[str, Decimal] = {}
+        amounts: list[Decimal] = []
+        for trade, _ in ready:
+            market = snapshot.markets[trade.market]
+            if market.quote not in free:
+                free[market.quote] = self.ledger.available(self.pid, market.quote)
+            amount = self._fit_buy(trade, snapshot, free[market.quote])
+            if amount > 0:
+                free[market.quote] -= amount * self._bound(market, "buy", amount) * (1 + market.taker_fee)
+            amounts.append(amount)
+        return amounts
+
+    def _send_group(
+        self,
+        plan: Plan,
+        ready: list[tuple[Trade, OrderOutcome]],
+        amounts: list[Decimal],
+        snapshot: Snapshot,
+        *,
+        saved: bool,
+    ) -> None:
+        jobs = [
+            functools.partial(self._order, plan, trade, outcome, amount, snapshot, saved)
+            for (trade, outcome), amount in zip(ready, amounts, strict=True)
+        ]
+        side_by_side(jobs)
+
+    def _order(
+        self, plan: Plan, trade: Trade, outcome: OrderOutcome, amount: Decimal, snapshot: Snapshot, saved: bool
+    ) -> None:
+        try:
+            with span("order", portfolio=self.pid, market=trade.market, side=trade.side, key=trade.idempotency_key):
+                self._one(plan, trade, outcome, snapshot, saved=saved, amount=amount)
+        except CircuitOpenError as exc:
+            outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
+            self._emit(outcome)
+            self._circuit_open = exc
 
     def _guard(self, trade: Trade, mid: Decimal | None, turnover: Decimal, snapshot: Snapshot) -> str | None:
         """Guards on what would be sent, priced on the fresh snapshot's book: never on numbers carried by the
@@ -451,13 +511,14 @@ class Executor:
 
     # -- one order --------------------------------------------------------------------------------------------
 
-    def _one(self, plan: Plan, trade: Trade, outcome: OrderOutcome, snapshot: Snapshot, *, saved: bool) -> None:
+    def _one(
+        self, plan: Plan, trade: Trade, outcome: OrderOutcome, snapshot: Snapshot, *, saved: bool, amount: Decimal
+    ) -> None:
+        """One order's protocol; `amount` is what to send (a buy's, fitted to the quote it may spend)."""
         market = snapshot.markets[trade.market]
         if saved and self._known(trade.idempotency_key, outcome):
             return
-        amount = trade.amount
         if trade.side == "buy":
-            amount = self._fit_buy(trade, snapshot)
             if amount <= 0:
                 outcome.status, outcome.reason = "skipped", "not enough quote freed by the sells for this buy"
                 self._emit(outcome)
@@ -586,14 +647,13 @@ class Executor:
             market, side, amount, self.config.max_slippage or DEFAULT_PRICE_BOUND, market.price_step
         )
 
-    def _fit_buy(self, trade: Trade, snapshot: Snapshot) -> Decimal:
+    def _fit_buy(self, trade: Trade, snapshot: Snapshot, available: Decimal) -> Decimal:
         """Size a buy against the quote the ledger says is free now, after the sells really settled.
 
         A protected buy may spend up to `amount * limit * (1 + fee)`: exchanges reserve the quote of a limit order
         at its limit price. The buy shrinks only when the free quote does not cover that.
         """
         market = snapshot.markets[trade.market]
-        available = self.ledger.available(self.pid, market.quote)
         amount = trade.amount
         for _ in range(3):  # a smaller buy walks less deep, so its limit can only fall: this converges at once
             most = amount * self._bound(market, "buy", amount) * (1 + market.taker_fee)
@@ -881,15 +941,16 @@ class Executor:
         return o
 
     def _realized_drift(self, plan: Plan, snapshot: Snapshot) -> Decimal | None:
-        """Total drift from the balances after execution, valued at the snapshot's mids."""
+        """Total drift from the holdings after execution, valued at the snapshot's mids: the ledger's, which
+        every fill of this run was just committed to exactly as the exchange reported it (`reconcile` checks
+        the two agree), so no balance read is spent on it."""
         try:
-            free, locked = self.exchange.fetch_balances()
-        except ExchangeError:
+            held = self.ledger.balances(self.pid)
+        except StoreError:
             return None
         values = {}
         for a in plan.assets:
-            amount = free.get(a.symbol, ZERO) + locked.get(a.symbol, ZERO)
-            values[a.symbol] = amount * a.mid
+            values[a.symbol] = held.get(a.symbol, ZERO) * a.mid
         total = sum(values.values(), ZERO)
         if total <= 0:
             return None

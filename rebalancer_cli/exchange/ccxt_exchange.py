@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import decimal
+import functools
 import hashlib
 import itertools
 import json
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 
 import ccxt
 
+from ..concurrency import side_by_side
 from ..config import Config
 from ..errors import (
     BadSymbolError,
@@ -545,8 +547,9 @@ class CcxtExchange:
         else:
             provisional = Snapshot(taken_at=taken_at, balances=balances, markets=markets, locked=held)
             with_book = sorted(needs_book(config, provisional, state, now=taken_at))
-        for s in with_book:
-            bids, asks = self._book(s)
+        # the books are independent requests: side by side, within the rate limit (each takes its tokens)
+        books = side_by_side([functools.partial(self._book, s) for s in with_book])
+        for s, (bids, asks) in zip(with_book, books, strict=True):
             markets[s] = dataclasses.replace(markets[s], bids=bids, asks=asks)
         return Snapshot(
             taken_at=taken_at,
