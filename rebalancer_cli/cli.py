@@ -762,6 +762,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     # classes): collecting cycles while they load only rescans them, ~0.2 s of a `plan`. Long-running
     # commands (daemon, backtest) turn the collector back on once their imports are done (`_long_running`).
     gc.disable()
+    # pydantic scans every installed package's entry points for plugins when it builds the first model; the
+    # config's models need none (set the variable to anything else to have them loaded)
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
         code = app(args=argv, prog_name="rebalance", standalone_mode=False)
     except typer.Exit as exc:
