@@ -25,19 +25,20 @@ import json
 import logging
 import math
 import os
+import queue
 import socket
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from decimal import Decimal
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .config import Config, load_config
 from .errors import ConfigError, HaltedError, InputError, LeaseLostError, RebalanceError
@@ -59,6 +60,10 @@ RELOAD_SWEEP = 5
 # Portfolios claimed per round trip to the lease store; every claim is then fenced in the ledger one by one.
 CLAIM_CHUNK = 200
 logger = logging.getLogger("rebalance")
+T = TypeVar("T")
+# How long a stopping daemon waits for its cycles to finish: with the lease releases and store closes after it,
+# SIGTERM to exit stays under 10 s, whatever the exchange's timeout.
+STOP_WAIT_SECONDS = 6.0
 
 
 @dataclass
@@ -135,8 +140,25 @@ def _store_key(kind: str, config: Config) -> tuple[str, str]:
 
 
 def _schedule_key(pid: str) -> str:
-    """The last cycle's time is shared state: a successor instance keeps the schedule."""
-    return f"{pid}.daemon"
+    """The last cycle's time is shared state: a successor instance keeps the schedule.
+
+    Kept under `daemon:<portfolio>` in the ledger's memory: a portfolio id cannot contain ':', so no portfolio's
+    own memory can be this key (it was `<portfolio>.daemon`, which portfolio `a.daemon` overwrote; see
+    `_legacy_schedule` for schedules written before)."""
+    return f"daemon:{pid}"
+
+
+def _legacy_schedule(ledger: Any, pid: str) -> float | None:
+    """The schedule earlier daemons wrote under `<portfolio>.daemon`, read once after an upgrade, so that
+    running instances keep their schedules; it is never written again. Only a value of exactly that shape is
+    taken: a portfolio named `<portfolio>.daemon` keeps asset symbols there, never a `last_cycle` key."""
+    try:
+        memory = json.loads(ledger.get_memory(f"{pid}.daemon") or "{}")
+    except ValueError:
+        return None
+    if isinstance(memory, dict) and set(memory) == {"last_cycle"} and isinstance(memory["last_cycle"], int | float):
+        return float(memory["last_cycle"])
+    return None
 
 
 @dataclass
@@ -345,7 +367,8 @@ class CycleRunner:
                     # another instance ran it recently (a takeover): keep its schedule
                     result.kind, result.due_in = "scheduled", due_in
                     return result
-            audit = self.store("audit", config)
+            # one write-behind queue serves every portfolio of the process; its failures stay with their portfolio
+            audit = self.store("audit", config).scoped(pid)
             t0 = time.perf_counter()
             with self.exchange(config) as exchange:
                 before = dict(exchange.calls)
@@ -397,6 +420,8 @@ class CycleRunner:
             memory = {}
         last_wall = memory.get("last_cycle") if isinstance(memory, dict) else None
         if not last_wall:
+            last_wall = _legacy_schedule(ledger, config.portfolio_id)
+        if not last_wall:
             return 0.0
         interval = float(config.interval)
         waited = time.time() - float(last_wall)  # negative when the last holder's clock ran ahead of ours
@@ -426,6 +451,74 @@ def _summarize(report: Any, result: CycleResult) -> None:
                 "idempotency_key": o.key,
             }
         )
+
+
+# -- cycle threads ------------------------------------------------------------------------------------------------
+
+
+class CycleThreads:
+    """A fixed pool of daemon threads for cycles, which the interpreter does not wait for at exit.
+
+    ThreadPoolExecutor joins its threads when the interpreter exits, so a cycle blocked in an HTTP call held a
+    stopping daemon for up to the exchange's timeout (20 s with `timeout: 30s`). A daemon stops within 10 s
+    whatever that timeout: it sets the executor's stop event, waits a bounded time for cycles to finish, and
+    leaves one still inside a call to the next run's recovery (its intent is durable before its order leaves)."""
+
+    def __init__(self, workers: int, name: str = "cycle") -> None:
+        self._tasks: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            future, fn = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn()
+            except BaseException as exc:  # the future carries it to whoever waits on it
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        if self._closed:
+            raise RuntimeError("cannot submit a cycle after shutdown")
+        future: Future[T] = Future()
+        self._tasks.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def shutdown(self, wait: bool = False, *, cancel_futures: bool = False) -> None:
+        """Refuse new cycles; cancel the queued ones (`cancel_futures`); let each thread end after its cycle.
+        `wait` is accepted for ThreadPoolExecutor's signature; only a bounded wait (see `Daemon.shutdown`)."""
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    task = self._tasks.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not None:
+                    task[0].cancel()
+        for _ in self._threads:
+            self._tasks.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the threads to end (after `shutdown`); True when they all did."""
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def __enter__(self) -> CycleThreads:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.shutdown(cancel_futures=True)
+        # the daemon already waited for these cycles (its own bounded wait): a cycle still in a call is left
+        self.join(timeout=1.0)
 
 
 # -- worker processes -------------------------------------------------------------------------------------------
@@ -625,7 +718,7 @@ def _worker_main(
             except Exception as exc:  # a result that cannot be pickled must still free the portfolio
                 results.send((task_id, CycleResult("bug", error=f"cycle result not sendable: {exc}")))
 
-    with ThreadPoolExecutor(threads, "cycle") as pool:
+    with CycleThreads(threads) as pool:
         while True:
             try:
                 message = tasks.recv()
@@ -683,8 +776,8 @@ class Daemon:
         self.live_instances: dict[str, int] = {}
         self._load_all()
         # only once the configs loaded: a refused start leaves no worker process behind
-        self.pool: ThreadPoolExecutor | WorkerProcesses = (
-            WorkerProcesses(processes, workers) if processes > 1 else ThreadPoolExecutor(workers, "cycle")
+        self.pool: CycleThreads | WorkerProcesses = (
+            WorkerProcesses(processes, workers) if processes > 1 else CycleThreads(workers)
         )
 
     # -- configs ----------------------------------------------------------------------------------------
@@ -879,7 +972,7 @@ class Daemon:
         except Exception:
             logger.exception("daemon loop step failed")
 
-    def shutdown(self, timeout: float = 9.0) -> None:
+    def shutdown(self, timeout: float = STOP_WAIT_SECONDS) -> None:
         """Skip the cycles not started, finish the orders in flight, release leases and close the stores."""
         self.stopping.set()
         # queued cycles are cancelled first: waiting on one would run it (a whole snapshot and plan) at exit
