@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
 import json
 import logging
@@ -51,9 +50,10 @@ from ..errors import (
 from ..fsutil import atomic_write_text
 from ..planner import PlannerState, needs_book
 from ..snapshot import Level, Market, Snapshot
+from .accounts import Accounts, account_id, api_url, max_cost
 from .base import FillInfo, OrderResult, Protection, Side, fees_by_currency
 from .breaker import CircuitBreaker
-from .ratelimit import RateLimiter, bucket_for_exchange, limit_per_minute_from_ccxt
+from .ratelimit import RateLimiter
 from .retry import RetryPolicy, call_with_retry
 
 T = TypeVar("T")
@@ -170,7 +170,11 @@ class CcxtExchange:
         limiter: RateLimiter | None = None,
         breaker: CircuitBreaker | None = None,
         retry: RetryPolicy | None = None,
+        accounts: Accounts | None = None,
     ) -> CcxtExchange:
+        """A client for the config's account; its rate limiter and breaker are the account's, from `accounts`
+        (the daemon passes its own, shared by all its cycles; default: built for this client alone). `limiter`
+        and `breaker` override them (tests)."""
         ex = config.exchange
         klass = getattr(ccxt, ex.id, None)
         if ex.id not in ccxt.exchanges or klass is None:
@@ -202,22 +206,17 @@ class CcxtExchange:
             )
         if ex.sandbox:
             client.set_sandbox_mode(True)
-        api_url = os.environ.get("REBALANCE_EXCHANGE_API_URL") or ex.api_url
-        if api_url:
-            client.urls["api"] = rebase_urls(client.urls["api"], api_url)
-        per_minute = (
-            float(ex.rate_limit_per_minute)
-            if ex.rate_limit_per_minute
-            else limit_per_minute_from_ccxt(client.rateLimit)
-        )
-        if limiter is None:
-            limiter = bucket_for_exchange(per_minute, max_cost=_max_cost(client))
-        account = hashlib.sha256((credentials.get("apiKey", "") + (api_url or "")).encode()).hexdigest()[:12]
-        cache_dir = config.resolved_state_dir() / "cache" / f"{ex.id}-{account}"
+        url = api_url(config)
+        if url:
+            client.urls["api"] = rebase_urls(client.urls["api"], url)
+        if limiter is None or breaker is None:
+            guards = (accounts or Accounts()).guards(config, client)
+            limiter, breaker = limiter or guards.limiter, breaker or guards.breaker
+        cache_dir = config.resolved_state_dir() / "cache" / f"{ex.id}-{account_id(config)}"
         return cls(
             client,
             limiter=limiter,
-            breaker=breaker or CircuitBreaker(f"{ex.id}", failure_threshold=5, reset_timeout=30.0),
+            breaker=breaker,
             retry=retry or RetryPolicy(),
             cache_dir=cache_dir,
             config_fee=ex.taker_fee,
@@ -708,15 +707,7 @@ def realized_volatility(closes: list[Decimal]) -> Decimal | None:
     return Decimal(str(round(math.sqrt(var), 6)))
 
 
-def _max_cost(client: Any) -> float:
-    """The heaviest request we make, in ccxt's cost units, so that the bucket can always grant it.
-
-    ccxt's costs for the calls a rebalancer makes stay below 50 on every exchange we know (Binance: depth at
-    1000 levels costs 20); an exchange may declare more, in which case its own figure wins."""
-    declared = [
-        float(v) for v in (getattr(client, "rateLimitCosts", None) or {}).values() if isinstance(v, int | float)
-    ]
-    return max([50.0, *declared])
+_max_cost = max_cost  # the name tests and benches know
 
 
 def _jsonable(value: Any) -> Any:
