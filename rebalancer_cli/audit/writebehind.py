@@ -82,9 +82,16 @@ class WriteBehindAudit:
     # -- deferred writes ------------------------------------------------------------------------------
 
     def record_plan(
-        self, plan_id: str, portfolio_id: str, created_at: datetime, plan: Mapping[str, Any], drift_before: Decimal
+        self,
+        plan_id: str,
+        portfolio_id: str,
+        created_at: datetime,
+        plan: Mapping[str, Any],
+        drift_before: Decimal,
+        *,
+        finished: str | None = None,
     ) -> None:
-        self._defer(self.store.record_plan, plan_id, portfolio_id, created_at, plan, drift_before)
+        self._defer(self.store.record_plan, plan_id, portfolio_id, created_at, plan, drift_before, finished=finished)
 
     def finish_plan(self, plan_id: str, status: str, drift_after: Decimal | None, at: datetime) -> None:
         self._defer(self.store.finish_plan, plan_id, status, drift_after, at)

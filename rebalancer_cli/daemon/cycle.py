@@ -19,11 +19,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from ..config import Config
 from ..errors import HaltedError, LeaseLostError, RebalanceError
 from ..exchange.accounts import Accounts
+from ..exchange.feed import MarketFeed
 from ..leases import LeaseStore, open_leases
 from ..telemetry import span
 
 if TYPE_CHECKING:
     from ..audit.writebehind import WriteBehindAudit
+    from ..exchange.base import Exchange
+    from ..executor import ExecutionReport, Executor
     from ..ledger.base import ShadowLedger
 
 logger = logging.getLogger("rebalance")
@@ -32,6 +35,11 @@ T = TypeVar("T")
 
 # An exchange client is rebuilt after this long, so that a long-running daemon reads market rules again.
 CLIENT_MAX_AGE = 600.0
+# An idle cycle writes the schedule only this many intervals after it last did (a cycle that did something,
+# always): a successor taking the portfolio over after a crash runs it early at worst, which for a portfolio
+# with nothing to do costs one idle check.
+SCHEDULE_REFRESH = 10
+ZERO = Decimal(0)
 
 
 def _store_key(kind: str, config: Config) -> tuple[str, str]:
@@ -110,6 +118,26 @@ class CycleRunner:
         self._idle_clients: dict[str, list[tuple[float, Any]]] = {}
         self._remaining: dict[int, tuple[float, float]] = {}  # rate-limit budget left, by bucket: (read at, value)
         self._lock = threading.Lock()
+        # bid/ask per exchange and balances per account, read once a tick for every portfolio (idle checks only)
+        self._feeds: dict[str, MarketFeed] = {}
+        # what this process last wrote for each portfolio on an idle cycle: equal again, nothing is written
+        self._synced: dict[str, dict[str, Decimal]] = {}
+        self._recorded: dict[str, tuple[tuple[str, str], ...]] = {}
+        self._scheduled: dict[str, float] = {}  # wall time of the schedule last written
+
+    def feed(self, config: Config) -> MarketFeed:
+        """The process's shared market data; with a Redis URL, bid/ask is shared with every instance too."""
+        key = config.redis_url or ""
+        with self._lock:
+            found = self._feeds.get(key)
+            if found is None:
+                client = None
+                if config.redis_url:
+                    from ..ledger.redis import connect
+
+                    client = connect(config.redis_url)
+                found = self._feeds[key] = MarketFeed(redis_client=client)
+            return found
 
     def store(self, kind: str, config: Config) -> Any:
         key = _store_key(kind, config)
@@ -245,12 +273,21 @@ class CycleRunner:
                 before = dict(exchange.calls)
                 try:
                     with span("cycle", portfolio=pid, cycle=cycle):
-                        report = Executor(config, exchange, ledger, audit, fence=token, stop=self.stopping).run()
+                        executor = Executor(config, exchange, ledger, audit, fence=token, stop=self.stopping)
+                        report = self._idle_check(config, executor, exchange, token)
+                        idle = report is not None
+                        if report is None:  # something to do: the whole cycle, on the exchange's own reads
+                            report = executor.run()
+                            self._synced.pop(pid, None)
+                            self._recorded.pop(pid, None)
                 finally:
                     result.elapsed = time.perf_counter() - t0
                     self._exchange_figures(exchange, before, result)
             _summarize(report, result)
-            ledger.set_memory(_schedule_key(pid), json.dumps({"last_cycle": time.time()}), fence=token)
+            now = time.time()
+            if not idle or now - self._scheduled.get(pid, 0.0) >= SCHEDULE_REFRESH * float(config.interval):
+                ledger.set_memory(_schedule_key(pid), json.dumps({"last_cycle": now}), fence=token)
+                self._scheduled[pid] = now
         except HaltedError as exc:
             result.kind, result.error = "halted", str(exc)
         except LeaseLostError as exc:
@@ -261,6 +298,53 @@ class CycleRunner:
             result.kind, result.error = "bug", f"{type(exc).__name__}: {exc}"
             result.traceback = traceback.format_exc()
         return result
+
+    def _idle_check(self, config: Config, executor: Executor, exchange: Exchange, token: int) -> ExecutionReport | None:
+        """The executor's first steps (halt check, recovery, memory, snapshot, plan) on shared market data; the
+        report of a hold, or None when the cycle has something to do (a trade, an order recovered, a snapshot
+        too far apart): then `Executor.run` does the whole cycle on fresh reads of its own.
+
+        A hold writes only what changed since this process last wrote it: the planner's memory, the holdings
+        (kept in the ledger for reconcile; every trading cycle syncs them first anyway), and the hold-only plan
+        in the audit trail, in one write, when its decisions changed."""
+        if config.exchange.is_paper:
+            return None  # the paper exchange reads a local file: nothing to share
+        from ..exchange.ccxt_exchange import CcxtExchange
+        from ..executor import ExecutionReport
+        from ..planner import PlannerState, plan
+        from ..runtime import check_skew
+
+        if not isinstance(exchange, CcxtExchange):
+            return None
+        pid = config.portfolio_id
+        executor.check_halt()
+        if executor.recover():
+            return None
+        ledger, audit = executor.ledger, executor.audit
+        memory = ledger.get_memory(pid)
+        state = PlannerState.from_json(memory)
+        snapshot = exchange.fetch_snapshot(config, state, feed=self.feed(config))
+        try:
+            check_skew(config, snapshot)
+        except RebalanceError:
+            return None
+        now = executor.clock()
+        held = plan(config, snapshot, state, now=now)
+        if held.trades:
+            return None
+        after = state.after(held, set(), now).to_json()
+        if after != memory:
+            ledger.set_memory(pid, after, fence=token)
+        holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
+        if self._synced.get(pid) != holdings and not ledger.locks(pid):
+            ledger.sync_balances(pid, holdings, fence=token)
+            self._synced[pid] = holdings
+        decisions = tuple((a.symbol, a.reason) for a in held.assets)
+        if self._recorded.get(pid) != decisions:
+            audit.record_plan(held.plan_id, pid, now, held.to_dict(), held.summary.drift_before, finished="done")
+            self._recorded[pid] = decisions
+        drift = held.summary.drift_before
+        return ExecutionReport(pid, held, [], [], drift, drift)
 
     def _exchange_figures(self, exchange: Any, before: dict[str, int], result: CycleResult) -> None:
         """API calls, breaker and rate-limit budget, also of a failed cycle (when they matter most).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -53,6 +54,7 @@ from ..snapshot import Level, Market, Snapshot
 from .accounts import Accounts, account_id, api_url, max_cost
 from .base import FillInfo, OrderResult, Protection, Side, fees_by_currency
 from .breaker import CircuitBreaker
+from .feed import MarketFeed
 from .ratelimit import RateLimiter
 from .retry import RetryPolicy, call_with_retry
 
@@ -143,6 +145,7 @@ class CcxtExchange:
         self.breaker = breaker
         self.retry = retry
         self._cache_dir = cache_dir
+        self._memo: dict[str, tuple[float, Any]] = {}  # cache entries read: (expires at, value)
         self._config_fee = config_fee
         self._secrets = tuple(s for s in secrets if s)
         self._book_limit = book_limit
@@ -300,19 +303,28 @@ class CcxtExchange:
     # -- caches -------------------------------------------------------------------------------------------
 
     def _cache_get(self, name: str, ttl: float) -> Any:
+        """A cached value younger than `ttl`; kept in memory too until it expires (a daemon's client reads the
+        same files every cycle: a stat and a JSON parse per market each time otherwise)."""
         if self._cache_dir is None:
             return None
+        memo = self._memo.get(name)
+        if memo is not None and time.time() < memo[0]:
+            return memo[1]
         path = self._cache_dir / f"{name}.json"
         try:
-            if time.time() - path.stat().st_mtime > ttl:
+            written = path.stat().st_mtime
+            if time.time() - written > ttl:
                 return None
-            return json.loads(path.read_text())
+            value = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+        self._memo[name] = (written + ttl, value)
+        return value
 
     def _cache_put(self, name: str, value: Any) -> None:
         if self._cache_dir is None:
             return
+        self._memo.pop(name, None)
         with contextlib.suppress(OSError):  # a cache that cannot be written only costs calls
             atomic_write_text(self._cache_dir / f"{name}.json", json.dumps(value))
 
@@ -431,12 +443,20 @@ class CcxtExchange:
         return free, locked
 
     def fetch_snapshot(
-        self, config: Config, state: PlannerState | None = None, *, full_books: bool = False
+        self,
+        config: Config,
+        state: PlannerState | None = None,
+        *,
+        full_books: bool = False,
+        feed: MarketFeed | None = None,
     ) -> Snapshot:
         """Balances (one call), best bid/ask of every market (one call), then full books only where the
         planner's cheap screen says a trade is possible; `full_books` reads every market's book, so that a
         saved snapshot replays any decision exactly. Slow-moving parts (markets, fees, volatility) come
-        from the cache and are read before the clock starts, so they never widen the skew."""
+        from the cache and are read before the clock starts, so they never widen the skew.
+
+        With a `feed` the balances and the bid/ask come from the reads it shares between portfolios (at most one
+        tick old; the snapshot's time is the older read's, its skew the reads' distance apart)."""
         quote = config.quote_symbol
         symbols = [f"{a.symbol}/{quote}" for a in config.assets if a.symbol != quote]
         self._ensure_markets()
@@ -445,8 +465,19 @@ class CcxtExchange:
         fees = {s: self._taker_fee(s, infos[s]) for s in symbols}
         started = time.monotonic()
         taken_at = datetime.now(UTC)
-        free, locked = self.fetch_balances()
-        tops = self._tops(symbols)
+        if feed is None:
+            free, locked = self.fetch_balances()
+            tops = self._tops(symbols)
+            spread = 0.0
+        else:
+            (free, locked), balances_at = feed.balances(account_id(config), self.fetch_balances)
+            tops, tops_at = feed.tops(
+                f"{self.id}|{api_url(config) or ''}", symbols, functools.partial(self._tops, lenient=True)
+            )
+            if any(s not in tops for s in symbols):
+                tops = {**tops, **self._tops([s for s in symbols if s not in tops])}  # refused with its reason
+            taken_at = datetime.fromtimestamp(min(balances_at, tops_at), UTC)
+            spread = abs(balances_at - tops_at)
         markets: dict[str, Market] = {}
         for s in symbols:
             info = infos[s]
@@ -481,30 +512,39 @@ class CcxtExchange:
             balances=balances,
             markets=markets,
             locked=held,
-            skew_seconds=time.monotonic() - started,
+            skew_seconds=time.monotonic() - started + spread,
             source=f"{self.id}",
         )
 
-    def _tops(self, symbols: list[str]) -> dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]]:
-        """Best bid and ask of every market in ONE request."""
+    def _tops(
+        self, symbols: list[str], *, lenient: bool = False
+    ) -> dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]]:
+        """Best bid and ask of every market in ONE request. `lenient` leaves out a market without a usable quote
+        instead of refusing them all (a shared read for many portfolios: each is refused for its own markets)."""
         if self.client.has.get("fetchBidsAsks"):
             raw = self._call("fetch_bids_asks", lambda: self.client.fetch_bids_asks(symbols))
         else:
             raw = self._call("fetch_tickers", lambda: self.client.fetch_tickers(symbols))
         out: dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]] = {}
         for s in symbols:
-            t = (raw or {}).get(s)
-            if not t:
-                raise ExchangeError(f"{self.id} sent no bid/ask for {s}")
-            bid, ask = to_decimal(t.get("bid"), f"{s} bid"), to_decimal(t.get("ask"), f"{s} ask")
-            if bid is None or ask is None or bid <= 0 or ask <= 0:
-                raise ExchangeError(f"{self.id} has no two-sided market for {s} (bid {bid}, ask {ask})")
-            if bid >= ask:
-                raise ExchangeError(f"{self.id} sent a crossed top of book for {s}: bid {bid} >= ask {ask}")
-            bid_size = to_decimal(t.get("bidVolume"), f"{s} bid size") or Decimal("1e-18")
-            ask_size = to_decimal(t.get("askVolume"), f"{s} ask size") or Decimal("1e-18")
-            out[s] = (((bid, bid_size),), ((ask, ask_size),))
+            try:
+                out[s] = self._top(s, (raw or {}).get(s))
+            except ExchangeError:
+                if not lenient:
+                    raise
         return out
+
+    def _top(self, s: str, t: Any) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
+        if not t:
+            raise ExchangeError(f"{self.id} sent no bid/ask for {s}")
+        bid, ask = to_decimal(t.get("bid"), f"{s} bid"), to_decimal(t.get("ask"), f"{s} ask")
+        if bid is None or ask is None or bid <= 0 or ask <= 0:
+            raise ExchangeError(f"{self.id} has no two-sided market for {s} (bid {bid}, ask {ask})")
+        if bid >= ask:
+            raise ExchangeError(f"{self.id} sent a crossed top of book for {s}: bid {bid} >= ask {ask}")
+        bid_size = to_decimal(t.get("bidVolume"), f"{s} bid size") or Decimal("1e-18")
+        ask_size = to_decimal(t.get("askVolume"), f"{s} ask size") or Decimal("1e-18")
+        return ((bid, bid_size),), ((ask, ask_size),)
 
     def _book(self, symbol: str) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
         raw = self._call("fetch_order_book", lambda: self.client.fetch_order_book(symbol, self._book_limit))
