@@ -757,6 +757,74 @@ def _fail(exc: RebalanceError) -> NoReturn:
     sys.exit(exc.exit_code)
 
 
+# Commands a cron job runs every few minutes: dispatched straight to their function when the arguments are simple
+# (see `_direct`), since typer builds the whole command tree, every command's parameters, before parsing any.
+_HOT_COMMANDS = ("plan",)
+
+
+def _direct(argv: list[str]) -> tuple[Any, dict[str, Any]] | None:
+    """(the command's function, its keyword arguments) for a hot command whose arguments need nothing of typer:
+    only its own options, each given once, as `--name value`, `--name=value`, `-n value` or a boolean flag, with
+    every required one present. Anything else (help, a bad flag, a missing value) is None: typer parses it, with
+    its messages. The options are read from the command's own declarations, so a new option needs no change here.
+    """
+    import inspect
+    import types
+    import typing
+
+    if not argv or argv[0] not in _HOT_COMMANDS:
+        return None
+    command = next((c for c in app.registered_commands if c.name == argv[0]), None)
+    if command is None or command.callback is None:
+        return None
+    fn = command.callback
+    hints = typing.get_type_hints(fn, include_extras=True)
+    flags: dict[str, tuple[str, bool]] = {}  # "--config" -> ("config", takes a Path)
+    required: set[str] = set()
+    for name, param in inspect.signature(fn).parameters.items():
+        hint = hints.get(name)
+        info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)), None)
+        if info is None or info.envvar or info.exists or info.resolve_path or info.callback:
+            return None  # an argument, a typer.Context, or something typer checks: typer parses
+        base = typing.get_args(hint)[0]
+        kinds = {a for a in typing.get_args(base) if a is not None.__class__}
+        if not isinstance(base, types.UnionType):
+            kinds = {base}
+        decls = tuple(info.param_decls or ())
+        if not decls or any("/" in d for d in decls):
+            return None  # typer names it itself, or it is an on/off pair
+        if kinds == {bool}:
+            takes_value = False
+        elif kinds == {Path}:
+            takes_value = True
+        else:
+            return None
+        for decl in decls:
+            flags[decl] = (name, takes_value)
+        if param.default is param.empty:
+            required.add(name)
+    kwargs: dict[str, Any] = {}
+    args = iter(argv[1:])
+    for token in args:
+        flag, eq, inline = token.partition("=")
+        known = flags.get(flag)
+        if known is None or known[0] in kwargs:
+            return None
+        name, takes_value = known
+        if not takes_value:
+            if eq:
+                return None
+            kwargs[name] = True
+            continue
+        value = inline if eq else next(args, None)
+        if value is None or (not eq and value.startswith("-")):
+            return None
+        kwargs[name] = Path(value)
+    if not required <= kwargs.keys():
+        return None
+    return fn, kwargs
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     # A one-shot command allocates a bounded heap, most of it by imports (ccxt alone builds ~100 exchange
     # classes): collecting cycles while they load only rescans them, ~0.2 s of a `plan`. Long-running
@@ -766,7 +834,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     # config's models need none (set the variable to anything else to have them loaded)
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
-        code = app(args=argv, prog_name="rebalance", standalone_mode=False)
+        direct = _direct(sys.argv[1:] if argv is None else argv)
+        if direct is not None:
+            fn, kwargs = direct
+            code = fn(**kwargs)
+        else:
+            code = app(args=argv, prog_name="rebalance", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
