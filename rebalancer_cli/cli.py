@@ -790,7 +790,9 @@ def _direct(argv: list[str]) -> tuple[Any, dict[str, Any]] | None:
         kinds = {a for a in typing.get_args(base) if a is not None.__class__}
         if not isinstance(base, types.UnionType):
             kinds = {base}
-        decls = tuple(info.param_decls or ())
+        # typer.Option("--name", "-n") inside Annotated: the first declaration arrives as the option's default
+        first = (info.default,) if isinstance(info.default, str) and info.default.startswith("-") else ()
+        decls = (*first, *(info.param_decls or ()))
         if not decls or any("/" in d for d in decls):
             return None  # typer names it itself, or it is an on/off pair
         if kinds == {bool}:

@@ -21,7 +21,7 @@ import typer
 import yaml
 from conftest import EXAMPLES, ROOT
 
-from rebalancer_cli.cli import app, main
+from rebalancer_cli.cli import _direct, app, main
 
 BROKEN_SECRET = "x9f3kLq0pZ"  # the credential pasted into examples/broken.yaml
 
@@ -408,6 +408,7 @@ def test_plan_dispatched_directly_answers_as_typer_does(
 ) -> None:
     """`plan` skips typer's parsing when its options are plain; the outcome is the same as through typer."""
     monkeypatch.chdir(ROOT)
+    assert _direct(["plan", *args]) is not None, "these arguments take the direct way"
     direct = _in_process(capsys, lambda: main(["plan", *args]))
 
     def through_typer() -> None:
@@ -427,6 +428,7 @@ def test_plan_dispatched_directly_answers_as_typer_does(
     "args", [["--config", "examples/treasury.yaml", "--bogus"], ["--config"], ["--json"], ["--help"]]
 )
 def test_plan_arguments_typer_must_judge_still_get_its_messages(rebalance: Any, args: list[str]) -> None:
+    assert _direct(["plan", *args]) is None
     r = rebalance("plan", *args)
     if args == ["--help"]:
         assert r.returncode == 0 and "--detailed-exitcode" in r.stdout
