@@ -837,6 +837,37 @@ def main(argv: list[str] | None = None) -> NoReturn:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
         direct = _direct(sys.argv[1:] if argv is None else argv)
+    except Exception:  # an option declaration the direct way cannot read: typer reads it
+        direct = None
+    try:
+        _dispatch(argv, direct)
+    except SystemExit as exc:
+        if argv is None and direct is not None:
+            _exit_now(exc.code)
+        raise
+
+
+def _exit_now(code: object) -> NoReturn:
+    """End a finished read-only command without the interpreter's teardown, which frees every module object
+    one by one (ccxt's ~100 exchange classes: ~0.14 s of CPU, a quarter of a `plan`). Exit handlers run and
+    output is flushed first, as in a normal exit; such a command leaves no thread or file behind."""
+    import atexit
+    import contextlib
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # a closed pipe: nothing more to say
+            stream.flush()
+    if code is None or isinstance(code, int):
+        os._exit(code or 0)
+    with contextlib.suppress(Exception):
+        sys.stderr.write(f"{code}\n")
+        sys.stderr.flush()
+    os._exit(1)
+
+
+def _dispatch(argv: list[str] | None, direct: tuple[Any, dict[str, Any]] | None) -> NoReturn:
+    try:
         if direct is not None:
             fn, kwargs = direct
             code = fn(**kwargs)
