@@ -4,8 +4,8 @@ removed (top-of-book pricing), measured in the same run so the ratio survives a 
 Every asset is drifted past its threshold so that every one walks its book: the worst case, not the idle one.
 Then the idle case: checks per second on one core (CPU time of this process, so other load on the machine
 does not count against it) of a 10-asset portfolio with nothing to trade, along the daemon's own path from
-the snapshot (top of book, as the exchange reads it) to "hold": the screen that picks the books to read,
-the plan, and the memory it would write.
+the snapshot (top of book, as the exchange reads it) to "hold": the screen that picks the books to read, then
+`daemon.cycle.decide_hold` (the plan, the memory, holdings and decisions it compares with what it last wrote).
 
     python bench/plan_bench.py [--runs 1000] [--idle-seconds 3]
 """
@@ -22,6 +22,7 @@ from decimal import Decimal
 
 from rebalancer_cli.config import Config
 from rebalancer_cli.costs import CostModel, TopOfBookSlippage
+from rebalancer_cli.daemon.cycle import decide_hold
 from rebalancer_cli.planner import PlannerState, needs_book, plan, policy_from_config
 from rebalancer_cli.snapshot import Market, Snapshot
 
@@ -105,10 +106,10 @@ def idle_checks_per_second(seconds: float) -> tuple[float, float]:
     checks = 0
 
     def check() -> None:
-        books = needs_book(cfg, snap, state, now=snap.taken_at)
-        p = plan(cfg, snap, state, now=snap.taken_at)
-        if books or p.trades or state.after(p, set(), snap.taken_at) != state:
-            raise SystemExit(f"the idle scenario is not idle: books {books}, {len(p.trades)} trades")
+        books = needs_book(cfg, snap, state, now=snap.taken_at)  # in the exchange's snapshot: which books to read
+        hold = decide_hold(cfg, snap, state, snap.taken_at)  # the daemon's idle check from there
+        if books or hold is None or hold.memory != state:
+            raise SystemExit(f"the idle scenario is not idle: books {books}, hold {hold}")
 
     for _ in range(200):
         check()

@@ -17,7 +17,7 @@ from datetime import datetime
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Any, Protocol
 
-from .config import Config, RebalanceTo
+from .config import AssetConfig, Config, RebalanceTo
 from .costs import CostEstimate, CostModel
 from .errors import InputError, PlanningError
 from .ids import KeyFactory, new_key
@@ -501,10 +501,13 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
     """
     quote = config.quote_symbol
     markets, balances, locked = snapshot.markets, snapshot.balances, snapshot.locked
-    values: list[float] = []
+    screened: list[tuple[AssetConfig, Market, float]] = []  # (asset, market, value) of every non-quote asset
     total = 0.0
     for a in config.assets:
-        holdings = float(balances.get(a.symbol, ZERO)) + float(locked.get(a.symbol, ZERO))
+        held = balances.get(a.symbol)
+        holdings = float(held) if held is not None else 0.0
+        if locked:
+            holdings += float(locked.get(a.symbol, ZERO))
         if a.symbol == quote:
             value = holdings
         else:
@@ -512,17 +515,14 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
             if market is None:
                 return False
             value = holdings * float(market.mid)
+            screened.append((a, market, value))
         if not value >= 0:  # negative (a hand-built snapshot) or NaN: cancellation would void the error bound
             return False
-        values.append(value)
         total += value
     if not _FLOAT_RANGE[0] < total < _FLOAT_RANGE[1]:
         return False
     widen = ONE + policy.hysteresis if policy.hysteresis else ONE
-    for a, value in zip(config.assets, values, strict=True):
-        if a.symbol == quote:
-            continue  # the quote asset is never screened
-        market = markets[f"{a.symbol}/{quote}"]
+    for a, market, value in screened:
         trigger = float(policy.threshold.threshold(market.volatility) * widen)
         size = abs(float(a.target_weight) - value / total)
         if not size < min(trigger, float(a.max_deviation)) - _FLOAT_MARGIN:

@@ -24,10 +24,14 @@ from ..leases import LeaseStore, open_leases
 from ..telemetry import span
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from ..audit.writebehind import WriteBehindAudit
     from ..exchange.base import Exchange
     from ..executor import ExecutionReport, Executor
     from ..ledger.base import ShadowLedger
+    from ..planner import Plan, PlannerState
+    from ..snapshot import Snapshot
 
 logger = logging.getLogger("rebalance")
 T = TypeVar("T")
@@ -99,6 +103,29 @@ class CycleResult:
     exchange_id: str = ""
     breaker_value: float | None = None
     rate_limit_remaining: float | None = None
+
+
+@dataclass(frozen=True)
+class Hold:
+    """An idle check's decision: the hold-only plan and what the cycle would write (each only if it changed)."""
+
+    plan: Plan
+    memory: PlannerState  # the planner's memory after this hold
+    holdings: dict[str, Decimal]  # free + locked per asset, as the ledger keeps them
+    decisions: tuple[tuple[str, str], ...]  # (asset, reason): a plan is recorded when these change
+
+
+def decide_hold(config: Config, snapshot: Snapshot, state: PlannerState, now: datetime) -> Hold | None:
+    """From the snapshot to "hold" (None: the plan trades). The daemon's idle check after its reads; what
+    bench/plan_bench.py times as an idle check, with the screen that picked the books to read."""
+    from ..planner import plan
+
+    held = plan(config, snapshot, state, now=now)
+    if held.trades:
+        return None
+    holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
+    decisions = tuple((a.symbol, a.reason) for a in held.assets)
+    return Hold(held, state.after(held, set(), now), holdings, decisions)
 
 
 class CycleRunner:
@@ -311,7 +338,7 @@ class CycleRunner:
             return None  # the paper exchange reads a local file: nothing to share
         from ..exchange.ccxt_exchange import CcxtExchange
         from ..executor import ExecutionReport
-        from ..planner import PlannerState, plan
+        from ..planner import PlannerState
         from ..runtime import check_skew
 
         if not isinstance(exchange, CcxtExchange):
@@ -321,28 +348,25 @@ class CycleRunner:
         if executor.recover():
             return None
         ledger, audit = executor.ledger, executor.audit
-        memory = ledger.get_memory(pid)
-        state = PlannerState.from_json(memory)
+        state = PlannerState.from_json(ledger.get_memory(pid))
         snapshot = exchange.fetch_snapshot(config, state, feed=self.feed(config))
         try:
             check_skew(config, snapshot)
         except RebalanceError:
             return None
         now = executor.clock()
-        held = plan(config, snapshot, state, now=now)
-        if held.trades:
+        hold = decide_hold(config, snapshot, state, now)
+        if hold is None:
             return None
-        after = state.after(held, set(), now).to_json()
-        if after != memory:
-            ledger.set_memory(pid, after, fence=token)
-        holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
-        if self._synced.get(pid) != holdings and not ledger.locks(pid):
-            ledger.sync_balances(pid, holdings, fence=token)
-            self._synced[pid] = holdings
-        decisions = tuple((a.symbol, a.reason) for a in held.assets)
-        if self._recorded.get(pid) != decisions:
+        held = hold.plan
+        if hold.memory != state:
+            ledger.set_memory(pid, hold.memory.to_json(), fence=token)
+        if self._synced.get(pid) != hold.holdings and not ledger.locks(pid):
+            ledger.sync_balances(pid, hold.holdings, fence=token)
+            self._synced[pid] = hold.holdings
+        if self._recorded.get(pid) != hold.decisions:
             audit.record_plan(held.plan_id, pid, now, held.to_dict(), held.summary.drift_before, finished="done")
-            self._recorded[pid] = decisions
+            self._recorded[pid] = hold.decisions
         drift = held.summary.drift_before
         return ExecutionReport(pid, held, [], [], drift, drift)
 
