@@ -2,13 +2,18 @@
 removed (top-of-book pricing), measured in the same run so the ratio survives a noisy machine.
 
 Every asset is drifted past its threshold so that every one walks its book: the worst case, not the idle one.
+Then the idle case: checks per second on one core (CPU time of this process, so other load on the machine
+does not count against it) of a 10-asset portfolio with nothing to trade, along the daemon's own path from
+the snapshot (top of book, as the exchange reads it) to "hold": the screen that picks the books to read, then
+`daemon.cycle.decide_hold` (the plan, the memory, holdings and decisions it compares with what it last wrote).
 
-    python bench/plan_bench.py [--runs 1000]
+    python bench/plan_bench.py [--runs 1000] [--idle-seconds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -17,11 +22,13 @@ from decimal import Decimal
 
 from rebalancer_cli.config import Config
 from rebalancer_cli.costs import CostModel, TopOfBookSlippage
-from rebalancer_cli.planner import plan, policy_from_config
+from rebalancer_cli.daemon.cycle import decide_hold
+from rebalancer_cli.planner import PlannerState, needs_book, plan, policy_from_config
 from rebalancer_cli.snapshot import Market, Snapshot
 
 D = Decimal
 GOAL_P99_MS_50 = 5.0
+GOAL_IDLE_PER_SECOND = 10_000
 
 
 def scenario(n_assets: int, levels: int = 100) -> tuple[Config, Snapshot]:
@@ -83,9 +90,41 @@ def p99(samples: list[float]) -> float:
     return statistics.quantiles(samples, n=100)[98]
 
 
+def idle_scenario(n_assets: int = 10) -> tuple[Config, Snapshot]:
+    """The same portfolio at its targets, with only the best bid and ask of each market (an idle read)."""
+    cfg, snap = scenario(n_assets, levels=1)
+    value = D(10000)
+    balances = {m.base: (value / m.mid).quantize(D("0.001")) for m in snap.markets.values()}
+    balances["USDC"] = snap.balances["USDC"]
+    return cfg, replace(snap, balances=balances)
+
+
+def idle_checks_per_second(seconds: float) -> tuple[float, float]:
+    """(checks per CPU second, per wall second) of the idle check, repeated for `seconds` of CPU time."""
+    cfg, snap = idle_scenario()
+    state = PlannerState().after(plan(cfg, snap), set(), snap.taken_at)  # the memory after the first cycle
+    checks = 0
+
+    def check() -> None:
+        books = needs_book(cfg, snap, state, now=snap.taken_at)  # in the exchange's snapshot: which books to read
+        hold = decide_hold(cfg, snap, state, snap.taken_at)  # the daemon's idle check from there
+        if books or hold is None or hold.memory != state:
+            raise SystemExit(f"the idle scenario is not idle: books {books}, hold {hold}")
+
+    for _ in range(200):
+        check()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while time.process_time() - cpu0 < seconds:
+        for _ in range(100):
+            check()
+        checks += 100
+    return checks / (time.process_time() - cpu0), checks / (time.perf_counter() - wall0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--idle-seconds", type=float, default=3.0, help="CPU seconds of idle checks")
     args = parser.parse_args()
     print(f"plan latency, {args.runs} runs each, 100-level books, every asset trading (ms)")
     print(
@@ -108,6 +147,14 @@ def main() -> None:
             result_50 = p99(walk)
     verdict = "met" if result_50 <= GOAL_P99_MS_50 else "NOT met"
     print(f"goal: p99 <= {GOAL_P99_MS_50} ms for 50 assets: {verdict} ({result_50:.3f} ms)")
+    per_cpu, per_wall = idle_checks_per_second(args.idle_seconds)
+    load = os.getloadavg()[0]
+    print(
+        f"idle checks, 10 assets, nothing to trade: {per_cpu:,.0f}/s per CPU second, {per_wall:,.0f}/s wall "
+        f"(load {load:.2f} on {os.cpu_count()} cores)"
+    )
+    verdict = "met" if per_cpu >= GOAL_IDLE_PER_SECOND else "NOT met"
+    print(f"goal: >= {GOAL_IDLE_PER_SECOND:,} idle checks a second on one core: {verdict} ({per_cpu:,.0f}/s)")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from datetime import datetime
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Any, Protocol
 
-from .config import Config, PolicyName, RebalanceTo
+from .config import AssetConfig, Config, PolicyName, RebalanceTo
 from .costs import DEFAULT_PRICE_BOUND, CostEstimate, CostModel, worst_acceptable_price
 from .errors import InputError, PlanningError
 from .ids import KeyFactory, new_key
@@ -327,12 +327,15 @@ class AssetMemory:
     last_trade_at: datetime | None = None
 
 
+_FRESH = AssetMemory()  # immutable: one instance serves every asset without memory
+
+
 @dataclass(frozen=True, slots=True)
 class PlannerState:
     assets: Mapping[str, AssetMemory] = field(default_factory=dict)
 
     def of(self, symbol: str) -> AssetMemory:
-        return self.assets.get(symbol, AssetMemory())
+        return self.assets.get(symbol, _FRESH)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -711,6 +714,8 @@ def needs_book(
     Exchanges use it to fetch books only where a trade is possible, which keeps an idle check at a few calls.
     """
     policy = policy or policy_from_config(config)
+    if _certainly_below_threshold(config, snapshot, policy):
+        return set()
     state = state or PlannerState()
     when = now or snapshot.taken_at
     views, _ = _views(config, snapshot)
@@ -720,6 +725,56 @@ def needs_book(
         for v in views
         if v.market is not None and _screen(v, policy, state.of(v.symbol), when, risk) is None
     }
+
+
+# Bound on |float drift - Decimal drift|, in weight units: weights and targets lie in [0, 1] and each is a few
+# float operations (relative error 2^-53 each) away from the 28-digit Decimal result, so the real error is below
+# 1e-14; the margin leaves five orders of magnitude to spare.
+_FLOAT_MARGIN = 1e-9
+# Totals outside this range could overflow or lose values to underflow in floats: the exact path decides.
+_FLOAT_RANGE = (1e-200, 1e200)
+
+
+def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Policy) -> bool:
+    """True only when the exact screen would hold every asset as below threshold (and none past its hard band).
+
+    The idle check of a daemon is this question, thousands of times a second; floats answer it in a fraction of
+    the Decimal path's time. Every asset's |drift| must be below both its trigger and its max_deviation by
+    `_FLOAT_MARGIN`, a margin far wider than the floats' error, so the answer is the exact screen's; anything
+    closer, unusual or missing (a market the exact path would report) returns False and the exact path runs.
+    """
+    if not isinstance(policy.threshold, VolatilityScaledThreshold | FixedThreshold):
+        return False  # a rule that reads more than the market's volatility (a no-trade region): exact path
+    quote = config.quote_symbol
+    markets, balances, locked = snapshot.markets, snapshot.balances, snapshot.locked
+    screened: list[tuple[AssetConfig, Market, float]] = []  # (asset, market, value) of every non-quote asset
+    total = 0.0
+    for a in config.assets:
+        held = balances.get(a.symbol)
+        holdings = float(held) if held is not None else 0.0
+        if locked:
+            holdings += float(locked.get(a.symbol, ZERO))
+        if a.symbol == quote:
+            value = holdings
+        else:
+            market = markets.get(f"{a.symbol}/{quote}")
+            if market is None:
+                return False
+            value = holdings * float(market.mid)
+            screened.append((a, market, value))
+        if not value >= 0:  # negative (a hand-built snapshot) or NaN: cancellation would void the error bound
+            return False
+        total += value
+    if not _FLOAT_RANGE[0] < total < _FLOAT_RANGE[1]:
+        return False
+    widen = ONE + policy.hysteresis if policy.hysteresis else ONE
+    for a, market, value in screened:
+        context = AssetContext(a.symbol, a.target_weight, ZERO, market)  # these rules read the volatility only
+        trigger = float(policy.threshold.threshold(context) * widen)
+        size = abs(float(a.target_weight) - value / total)
+        if not size < min(trigger, float(a.max_deviation)) - _FLOAT_MARGIN:
+            return False
+    return True
 
 
 def plan(
@@ -780,7 +835,9 @@ def plan(
 
     ordered = [v for v in sells + buys if not v.reason]
     drift_before = sum((abs(v.drift) for v in views), ZERO)
-    drift_after = _drift_after(views, ordered, total, quote)
+    # With nothing to trade every value and the total are unchanged, so _drift_after would recompute the very same
+    # Decimal operations as drift_before: the idle path skips them.
+    drift_after = _drift_after(views, ordered, total, quote) if ordered else drift_before
     # Costs and max_trades can leave a partial plan that does not help; drop the weakest until it does.
     while ordered and drift_after > drift_before:
         weakest = min(ordered, key=lambda v: v.drift_value)

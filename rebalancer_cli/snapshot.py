@@ -121,7 +121,8 @@ BookLevel = Annotated[Level, BeforeValidator(_level)]
 
 
 class MarketFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # built on first use: a plan from the exchange never reads a snapshot file
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     taker_fee: FeeRate = Field(description="Taker fee as a fraction of notional, e.g. 0.001")
     amount_step: Positive = Field(description="Lot size; order amounts are rounded down to it")
     min_notional: NonNegative = Field(Decimal(0), description="Orders below this quote value are not placed")
@@ -174,7 +175,7 @@ MarketKey = Annotated[str, AfterValidator(_market_key)]
 
 
 class SnapshotFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     taken_at: datetime = Field(description="When the picture was taken (ISO 8601 with a timezone)")
     balances: dict[str, NonNegative] = Field(description="Free balance per asset")
     locked: dict[str, NonNegative] = Field(default_factory=dict, description="Balance held in open orders")

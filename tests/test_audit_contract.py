@@ -424,6 +424,18 @@ def test_a_plan_is_recorded_once_and_finished_once_known(store: AuditStore, uniq
         store.finish_plan("no-such-plan", "done", None, now)
 
 
+def test_a_hold_only_plan_is_recorded_finished_in_one_call(store: AuditStore, unique_id: str) -> None:
+    """The daemon's idle cycles write a hold-only plan once, already finished: history reads it as done."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    store.record_plan(f"hold-{unique_id}", unique_id, now, {"trades": []}, Decimal("0.004"), finished="done")
+    [execution] = store.history(unique_id)
+    assert (execution.status, execution.drift_before, execution.drift_after) == (
+        "done",
+        Decimal("0.004"),
+        Decimal("0.004"),
+    )
+
+
 def test_history_sums_each_execution_newest_first(store: AuditStore, unique_id: str) -> None:
     t0 = datetime.now(UTC) - timedelta(hours=2)
     store.record_plan("old", unique_id, t0, {}, Decimal("0.01"))

@@ -28,7 +28,7 @@ import ccxt
 import pytest
 import typer
 import yaml
-from conftest import EXAMPLES
+from conftest import EXAMPLES, ROOT
 from exec_helpers import comparable
 
 from rebalancer_cli.cli import app, main
@@ -660,3 +660,21 @@ def test_no_command_ever_shows_or_writes_the_credentials(tmp_path: Path) -> None
     assert any(p.parent.parent.name == "cache" for p in written) and snap in written  # caches were searched too
     leaks += [str(p) for p in written if any(s.encode() in p.read_bytes() for s in (KEY, SECRET, WRONG_KEY))]
     assert not leaks
+
+
+def test_plan_without_store_urls_imports_neither_redis_nor_psycopg(busy: Emulator, tmp_path: Path) -> None:
+    """A cron `plan` on the embedded stores starts without the Redis and PostgreSQL clients (~0.15 s)."""
+    from test_cli import FAST_START
+
+    cfg = write_config(tmp_path / "p.yaml", busy)
+    r = subprocess.run(
+        [sys.executable, "-c", FAST_START, "plan", "--config", str(cfg), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    status, heavy = r.stderr.splitlines()[-1].split(" ")
+    assert status == "exit=0", r.stderr
+    assert {m.split(".")[0] for m in heavy.removeprefix("heavy=").split(",")} == {"ccxt"}  # what it uses, only
+    assert [t["market"] for t in json.loads(r.stdout)["trades"]] == ["BTC/USDC", "ETH/USDC"]

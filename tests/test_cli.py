@@ -21,7 +21,7 @@ import typer
 import yaml
 from conftest import EXAMPLES, ROOT
 
-from rebalancer_cli.cli import app, main
+from rebalancer_cli.cli import _direct, app, main
 
 BROKEN_SECRET = "x9f3kLq0pZ"  # the credential pasted into examples/broken.yaml
 
@@ -419,3 +419,62 @@ def test_validate_config_notes_credentials_not_set_here_without_failing(rebalanc
 def test_the_static_list_of_ccxt_exchanges_matches_the_installed_ccxt() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_ccxt_ids.py"), "--check"], capture_output=True)
     assert r.returncode == 0, r.stderr
+
+
+def _in_process(capsys: pytest.CaptureFixture[str], run: Any) -> tuple[int, dict[str, Any] | str]:
+    with pytest.raises(SystemExit) as done:
+        run()
+    out = capsys.readouterr().out
+    code = done.value.code if isinstance(done.value.code, int) else 0
+    try:
+        doc = json.loads(out)
+    except ValueError:
+        return code, out
+    doc.pop("plan_id")
+    doc.pop("taken_at")  # the paper exchange's snapshot is taken now
+    for t in doc["trades"]:
+        t.pop("idempotency_key")
+    return code, doc
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--config", "examples/treasury.yaml", "--json", "--detailed-exitcode"],
+        ["-c", "examples/treasury.yaml", "--json"],
+        ["--json", "--config=examples/treasury.yaml"],
+    ],
+)
+def test_plan_dispatched_directly_answers_as_typer_does(
+    args: list[str], capsys: pytest.CaptureFixture[str], state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`plan` skips typer's parsing when its options are plain; the outcome is the same as through typer."""
+    monkeypatch.chdir(ROOT)
+    assert _direct(["plan", *args]) is not None, "these arguments take the direct way"
+    direct = _in_process(capsys, lambda: main(["plan", *args]))
+
+    def through_typer() -> None:
+        try:
+            code = app(args=["plan", *args], prog_name="rebalance", standalone_mode=False)
+        except typer.Exit as exc:  # --detailed-exitcode
+            code = exc.exit_code
+        raise SystemExit(code or 0)
+
+    typed = _in_process(capsys, through_typer)
+    assert direct[0] == typed[0] == (10 if "--detailed-exitcode" in args else 0)
+    assert isinstance(direct[1], dict) and direct[1]["trades"]
+    assert direct[1] == typed[1]
+
+
+@pytest.mark.parametrize(
+    "args", [["--config", "examples/treasury.yaml", "--bogus"], ["--config"], ["--json"], ["--help"]]
+)
+def test_plan_arguments_typer_must_judge_still_get_its_messages(rebalance: Any, args: list[str]) -> None:
+    assert _direct(["plan", *args]) is None
+    r = rebalance("plan", *args)
+    if args == ["--help"]:
+        assert r.returncode == 0 and "--detailed-exitcode" in r.stdout
+    else:
+        assert r.returncode == 2 and (
+            "No such option" in r.stderr or "requires an argument" in r.stderr or "Missing option" in r.stderr
+        ), r.stderr

@@ -554,3 +554,66 @@ def test_instances_count_each_other_through_heartbeats(lease_env: tuple[str | No
     time.sleep(0.5)
     assert a.heartbeat(me, 0.5) == alone, "a dead instance drops out after its TTL"
     a.leave(me)
+
+
+# --- issue 9: the schedule's own key space, bounded stop ------------------------------------------------------
+
+
+def test_portfolios_a_and_a_daemon_keep_their_own_state(
+    tmp_path: Path, state_dir: Path, unique_id: str, events: Events
+) -> None:
+    """The schedule was kept as `<portfolio>.daemon`: portfolio `a.daemon`'s memory and fence were overwritten."""
+    btc_snapshot(tmp_path / "market.json", "1000", btc="1", usdc="1000")  # at target: every cycle holds
+    a, b = unique_id, f"{unique_id}.daemon"
+    btc_config(tmp_path / "a.yaml", a, "market.json", interval=1, hysteresis=0.5)
+    btc_config(tmp_path / "b.yaml", b, "market.json", interval=1, hysteresis=0.5)
+    instance = daemon(tmp_path)
+    run_until(instance, lambda: all(len(events.cycles(pid)) >= 2 for pid in (a, b)))
+    assert [e for e in events.events if e["event"] in ("cycle failed", "cycle crashed")] == []
+    for pid in (a, b):
+        assert count(instance, pid, "fenced") == 0 and count(instance, pid, "done") >= 2
+    ledger = open_ledger_for(load_config(tmp_path / "b.yaml"))
+    try:
+        assert "BTC" in json.loads(ledger.get_memory(b) or "{}"), "a.daemon's memory is its planner's"
+    finally:
+        ledger.close()
+
+
+def test_a_schedule_written_under_the_old_key_is_kept_after_an_upgrade(
+    tmp_path: Path, state_dir: Path, unique_id: str, events: Events
+) -> None:
+    btc_snapshot(tmp_path / "market.json", "1000", btc="1", usdc="1000")
+    pid = unique_id
+    btc_config(tmp_path / "a.yaml", pid, "market.json", interval=3600)
+    ledger = open_ledger_for(load_config(tmp_path / "a.yaml"))
+    try:
+        ledger.set_memory(f"{pid}.daemon", json.dumps({"last_cycle": time.time() - 60}))  # ran a minute ago
+    finally:
+        ledger.close()
+    instance = daemon(tmp_path)
+    run_until(instance, lambda: instance.slots[pid].next_due > 0)
+    assert events.cycles(pid) == [], "not due for another 59 minutes: the old daemon's schedule is kept"
+    assert 3400 < instance.slots[pid].next_due - instance.clock() <= 3540
+
+
+@pytest.mark.slow
+def test_sigterm_exits_within_10_s_while_a_request_waits_on_a_30_s_timeout(
+    tmp_path: Path, state_dir: Path, unique_id: str, emulator: Emulator
+) -> None:
+    pid = f"{unique_id}-p1"
+    exchange = {**emulator_exchange(emulator.base_url), "timeout": "30s"}
+    config = pair_config(tmp_path / "p1.yaml", pid, 1, exchange, interval=1)
+    emulator.faults.latency(60_000, endpoint="/api/v3/account")  # the balance read hangs past every bound
+    daemon = DaemonProcess([config], tmp_path / "daemon.log", env={"REBALANCE_STATE_DIR": str(state_dir)})
+    try:
+        daemon.wait_ready()
+        deadline = time.monotonic() + 30
+        while emulator.stats()["requests"].get("GET /api/v3/account", 0) == 0:
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+            time.sleep(0.02)
+        daemon.proc.send_signal(signal.SIGTERM)  # while the cycle waits on the exchange
+        assert daemon.proc.wait(timeout=10) == 0, "the promise: SIGTERM to exit within 10 s"
+    finally:
+        emulator.faults.clear()
+        daemon.terminate()
+    assert any(e["event"] == "daemon stopped" for e in daemon.events())

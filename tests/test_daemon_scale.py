@@ -22,9 +22,11 @@ from daemon_helpers import CREDENTIALS_ENV, emulator_exchange, pair_config, pair
 from redis_cluster_fixture import redis_cluster_url  # noqa: F401  (fixture)
 
 from rebalancer_cli import leases as leases_module
+from rebalancer_cli.config import load_config
 from rebalancer_cli.daemon import Daemon, WorkerProcesses
 from rebalancer_cli.errors import InputError
 from rebalancer_cli.leases import SQLiteLeases
+from rebalancer_cli.runtime import open_audit_for
 from rebalancer_cli.testing.emulator import start_emulator
 
 
@@ -201,3 +203,41 @@ def _wait(done: Callable[[], bool], what: str, timeout: float = 30) -> None:
     while not done():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+def test_idle_portfolios_on_one_account_share_their_reads_and_write_nothing_new(
+    tmp_path: Path, state_dir: Path, unique_id: str, events: Events, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty idle portfolios on one exchange account: their balance and bid/ask reads are shared (well under one
+    request per cycle, against two each when every cycle read for itself), and repeated holds add nothing to the
+    audit trail after the first one."""
+    for name, value in CREDENTIALS_ENV.items():
+        monkeypatch.setenv(name, value)
+    emulator = start_emulator(pair_snapshot(tmp_path / "exchange.json", [0], base="4", quote="400"))  # at target
+    try:
+        pids = [f"{unique_id}-{i}" for i in range(20)]
+        for pid in pids:
+            pair_config(tmp_path / f"{pid}.yaml", pid, 0, emulator_exchange(emulator.base_url), interval=1)
+        daemon = Daemon([tmp_path], lease_ttl=3, join_delay=0, tick=0.05, workers=4)
+        loop = threading.Thread(target=daemon.run)
+        loop.start()
+        try:
+            _wait(lambda: set(events.of("cycle", pids)) == set(pids), "a first cycle of each portfolio")
+            before, seen = dict(emulator.stats()["requests"]), len(events.of("cycle", pids))
+            _wait(lambda: len(events.of("cycle", pids)) >= seen + 3 * len(pids), "three more rounds")
+            after, cycles = dict(emulator.stats()["requests"]), len(events.of("cycle", pids)) - seen
+        finally:
+            daemon.stop()
+            loop.join(timeout=20)
+        assert all(e["decision"] == "hold" for e in events.events if e["event"] == "cycle")
+        reads = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
+        assert set(reads) <= {"GET /api/v3/account", "GET /api/v3/ticker/bookTicker"}, reads
+        assert sum(reads.values()) < cycles / 2, f"{reads} for {cycles} idle cycles"
+        audit = open_audit_for(load_config(tmp_path / f"{pids[0]}.yaml"))
+        try:
+            history = audit.history(pids[0])
+        finally:
+            audit.close()
+        assert [h.status for h in history] == ["done"], "one hold recorded, not one per cycle"
+    finally:
+        emulator.stop()

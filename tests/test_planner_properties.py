@@ -10,7 +10,7 @@ from plan_helpers import T0
 
 from rebalancer_cli.config import Config
 from rebalancer_cli.errors import PlanningError
-from rebalancer_cli.planner import plan
+from rebalancer_cli.planner import AssetMemory, _screen, _views, needs_book, plan, policy_from_config
 from rebalancer_cli.snapshot import Market, Snapshot
 
 D = Decimal
@@ -107,3 +107,61 @@ def test_plan_never_breaks_its_invariants(case: tuple[Config, Snapshot]) -> None
             assert t.amount <= snap.balances[t.symbol], "sells more than is held"
     assert p.summary.drift_after <= p.summary.drift_before
     assert len({t.idempotency_key for t in p.trades}) == len(p.trades)
+
+
+def _exact_needs_book(cfg: Config, snap: Snapshot) -> set[str]:
+    """The reference: the Decimal screen of every asset, as the planner ran it before the float screen."""
+    policy = policy_from_config(cfg)
+    views, _ = _views(cfg, snap)
+    return {v.market.symbol for v in views if v.market is not None and _screen(v, policy, AssetMemory(), T0) is None}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(0, 10**6))
+def test_the_float_screen_reads_the_books_the_exact_screen_reads(case: tuple[Config, Snapshot], nudge: int) -> None:
+    cfg, snap = case
+    # most random portfolios are far off target: bring them near it, where the screen's answer is close
+    balances = dict(snap.balances)
+    for a in cfg.assets:
+        market = snap.markets.get(f"{a.symbol}/USDC")
+        if market is not None:
+            balances[a.symbol] = (a.target_weight * D(10**6) / market.mid) * (1 + D(nudge) / D(10**8))
+    balances["USDC"] = cfg.assets[-1].target_weight * D(10**6)
+    for s in (snap, Snapshot(taken_at=T0, balances=balances, markets=snap.markets)):
+        try:
+            expected = _exact_needs_book(cfg, s)
+        except PlanningError:
+            continue
+        assert needs_book(cfg, s, now=T0) == expected
+
+
+def test_a_drift_exactly_on_its_threshold_is_decided_by_the_exact_screen() -> None:
+    """Floats cannot tell a drift on the threshold (hold) from one a hair above it (trade): the exact path does."""
+    cfg, snap = _on_threshold_case()
+    views, _ = _views(cfg, snap)
+    drift = abs(views[0].drift)
+    cfg.base_threshold = drift  # volatility none, factor irrelevant: threshold == drift, held (<=)
+    assert needs_book(cfg, snap, now=T0) == set()
+    cfg.base_threshold = drift - D("1e-20")
+    assert needs_book(cfg, snap, now=T0) == {"A0/USDC"}
+
+
+def _on_threshold_case() -> tuple[Config, Snapshot]:
+    market = Market("A0/USDC", "A0", "USDC", D("0.001"), D("0.001"), D(0), ((D("99"), D(1)),), ((D("101"), D(1)),))
+    cfg = Config.model_validate(
+        {
+            "portfolio_id": "edge",
+            "base_threshold": D("0.01"),
+            "volatility_factor": D("0.5"),
+            "safety_margin": D("1.5"),
+            "max_trades_per_cycle": 5,
+            "assets": [
+                {"symbol": "A0", "target_weight": D("0.5"), "max_deviation": D("0.5")},
+                {"symbol": "USDC", "target_weight": D("0.5"), "max_deviation": D("0.5")},
+            ],
+            "exchange": {"id": "paper", "snapshot": "x.yaml"},
+        }
+    )
+    cfg.quote = "USDC"
+    balances = {"A0": D("5.0123456789"), "USDC": D("500")}
+    return cfg, Snapshot(taken_at=T0, balances=balances, markets={"A0/USDC": market})

@@ -70,3 +70,24 @@ def test_update_now_is_durable_before_it_returns(tmp_path: Path) -> None:
     assert other.order(key).status is OrderStatus.SENT  # type: ignore[union-attr]
     other.close()
     audit.close()
+
+
+def test_one_portfolios_failed_write_is_raised_in_that_portfolio_only(tmp_path: Path) -> None:
+    """A daemon shares one queue between its portfolios: A's refused write must not fail B's cycle."""
+    store = SqliteAuditStore(tmp_path / "d.sqlite3")
+    store.migrate()
+    shared = WriteBehindAudit(store)
+    a, b = shared.scoped("a"), shared.scoped("b")
+    a.update_order(new_key(), OrderStatus.FILLED, at=datetime.now(UTC))  # never recorded: refused in the background
+    key = new_key()
+    assert b.record_intent(_intent(key))
+    b.update_order(key, OrderStatus.FILLED, at=datetime.now(UTC))
+    b.record_event("b", "note", {"x": "1"}, datetime.now(UTC))
+    b.flush()  # A's failure is not B's
+    record = b.order(key)
+    assert record is not None and record.status is OrderStatus.FILLED
+    assert [kind for _, kind, _ in b.events("b")] == ["note"]
+    with pytest.raises(StoreError, match="never recorded"):
+        a.flush()
+    a.flush()  # raised once, then the portfolio goes on
+    shared.close()

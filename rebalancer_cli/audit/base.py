@@ -157,8 +157,11 @@ class AuditStore(Protocol):
         created_at: datetime,
         plan: Mapping[str, Any],
         drift_before: Decimal,
+        *,
+        finished: str | None = None,
     ) -> None:
-        """Store a plan once; a repeated call for the same plan_id changes nothing."""
+        """Store a plan once; a repeated call for the same plan_id changes nothing. `finished`: the plan is over
+        already, with that status (a hold-only plan: one write instead of a record and a finish)."""
         ...
 
     def finish_plan(self, plan_id: str, status: str, drift_after: Decimal | None, at: datetime) -> None: ...

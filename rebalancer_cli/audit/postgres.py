@@ -383,14 +383,19 @@ class PostgresAuditStore:
         created_at: datetime,
         plan: Mapping[str, Any],
         drift_before: Decimal,
+        *,
+        finished: str | None = None,
     ) -> None:
+        before = check_decimal(drift_before, "drift_before")
         params = {
             "plan_id": check_text(plan_id, "plan_id"),
             "portfolio_id": check_text(portfolio_id, "portfolio_id"),
             "created_at": to_utc(created_at, "plan created_at"),
             "plan": dump_json(plan, "plan"),
-            "drift_before": check_decimal(drift_before, "drift_before"),
-            "status": PLAN_STARTED,
+            "drift_before": before,
+            "status": PLAN_STARTED if finished is None else check_text(finished, "plan status"),
+            "drift_after": None if finished is None else before,  # nothing traded: after is before
+            "finished": finished is not None,
         }
         self._before_write()
         with self._conn() as conn:
@@ -398,9 +403,9 @@ class PostgresAuditStore:
             conn.execute(
                 "WITH k AS (INSERT INTO plan_keys (plan_id, created_at) VALUES (%(plan_id)s, %(created_at)s) "
                 "ON CONFLICT DO NOTHING RETURNING plan_id, created_at) "
-                "INSERT INTO plans (plan_id, portfolio_id, created_at, plan, drift_before, status) "
-                "SELECT k.plan_id, %(portfolio_id)s, k.created_at, %(plan)s::jsonb, %(drift_before)s, %(status)s "
-                "FROM k",
+                "INSERT INTO plans (plan_id, portfolio_id, created_at, plan, drift_before, status, drift_after, "
+                "finished_at) SELECT k.plan_id, %(portfolio_id)s, k.created_at, %(plan)s::jsonb, %(drift_before)s, "
+                "%(status)s, %(drift_after)s, CASE WHEN %(finished)s THEN k.created_at END FROM k",
                 params,
             )
 

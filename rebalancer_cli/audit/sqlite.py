@@ -194,18 +194,24 @@ class SqliteAuditStore:
         created_at: datetime,
         plan: Mapping[str, Any],
         drift_before: Decimal,
+        *,
+        finished: str | None = None,
     ) -> None:
+        at = _ts(created_at, "plan created_at")
+        before = str(check_decimal(drift_before, "drift_before"))
         params = (
             check_text(plan_id, "plan_id"),
             check_text(portfolio_id, "portfolio_id"),
-            _ts(created_at, "plan created_at"),
+            at,
             dump_json(plan, "plan"),
-            str(check_decimal(drift_before, "drift_before")),
-            PLAN_STARTED,
+            before,
+            PLAN_STARTED if finished is None else check_text(finished, "plan status"),
+            None if finished is None else before,  # nothing traded: the drift after is the drift before
+            None if finished is None else at,
         )
         self._exec(
-            "INSERT INTO plans (plan_id, portfolio_id, created_at, plan, drift_before, status) "
-            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (plan_id) DO NOTHING",
+            "INSERT INTO plans (plan_id, portfolio_id, created_at, plan, drift_before, status, drift_after, "
+            "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (plan_id) DO NOTHING",
             params,
         )
 

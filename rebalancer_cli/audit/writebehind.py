@@ -5,10 +5,16 @@ the order up. Everything else (status changes, fills, events, the plan's outcome
 exchange by that lookup, so it is written by a background thread while the cycle goes on. Reads first wait for
 the queue to drain, so a caller always sees its own writes. A failed background write is raised
 at the next call instead of being lost silently.
+
+One queue serves a whole daemon; its errors are kept per portfolio. `scoped(portfolio_id)` gives a view whose
+writes are tagged with the portfolio: a failed write is raised only in that portfolio's next call, and only that
+portfolio's later deferred writes are skipped until then (they could depend on the failed one). The unscoped
+object is one more scope of its own (what `execute` and the CLI use).
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -25,10 +31,19 @@ _STOP = object()
 class WriteBehindAudit:
     def __init__(self, store: AuditStore, *, max_pending: int = 10_000) -> None:
         self.store = store
+        self._scope: str | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        self._error: BaseException | None = None
+        # failed background writes by scope, until raised there; shared by every scoped view
+        self._errors: dict[str | None, BaseException] = {}
+        self._errors_lock = threading.Lock()
         self._thread = threading.Thread(target=self._drain, name="audit-writer", daemon=True)
         self._thread.start()
+
+    def scoped(self, portfolio_id: str) -> WriteBehindAudit:
+        """A view on the same queue and store whose failed writes are raised only in its own calls."""
+        view = copy.copy(self)
+        view._scope = portfolio_id
+        return view
 
     def _drain(self) -> None:
         while True:
@@ -36,22 +51,26 @@ class WriteBehindAudit:
             try:
                 if item is _STOP:
                     return
-                if self._error is None:
-                    fn, args, kwargs = item
+                scope, fn, args, kwargs = item
+                with self._errors_lock:
+                    failed = scope in self._errors
+                if not failed:
                     try:
                         fn(*args, **kwargs)
-                    except BaseException as exc:  # surfaced to the caller at its next call
-                        self._error = exc
+                    except BaseException as exc:  # surfaced to the scope's caller at its next call
+                        with self._errors_lock:
+                            self._errors[scope] = exc
             finally:
                 self._queue.task_done()
 
     def _defer(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         self._raise_pending()
-        self._queue.put((fn, args, kwargs))
+        self._queue.put((self._scope, fn, args, kwargs))
 
     def _raise_pending(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
+        with self._errors_lock:
+            error = self._errors.pop(self._scope, None)
+        if error is not None:
             if isinstance(error, StoreError):
                 raise error
             raise StoreError(f"audit write failed in the background: {type(error).__name__}: {error}") from error
@@ -63,9 +82,16 @@ class WriteBehindAudit:
     # -- deferred writes ------------------------------------------------------------------------------
 
     def record_plan(
-        self, plan_id: str, portfolio_id: str, created_at: datetime, plan: Mapping[str, Any], drift_before: Decimal
+        self,
+        plan_id: str,
+        portfolio_id: str,
+        created_at: datetime,
+        plan: Mapping[str, Any],
+        drift_before: Decimal,
+        *,
+        finished: str | None = None,
     ) -> None:
-        self._defer(self.store.record_plan, plan_id, portfolio_id, created_at, plan, drift_before)
+        self._defer(self.store.record_plan, plan_id, portfolio_id, created_at, plan, drift_before, finished=finished)
 
     def finish_plan(self, plan_id: str, status: str, drift_after: Decimal | None, at: datetime) -> None:
         self._defer(self.store.finish_plan, plan_id, status, drift_after, at)
@@ -153,6 +179,10 @@ class WriteBehindAudit:
         self.store.ping()
 
     def close(self) -> None:
+        """Flush; the unscoped owner also stops the writer and closes the store (a scoped view only flushes)."""
+        if self._scope is not None:
+            self.flush()
+            return
         try:
             self.flush()
         finally:

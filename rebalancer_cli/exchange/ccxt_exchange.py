@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import decimal
 import functools
-import hashlib
 import itertools
 import json
 import logging
@@ -60,10 +59,12 @@ from ..errors import (
 from ..fsutil import atomic_write_text
 from ..planner import PlannerState, needs_book
 from ..snapshot import Level, Market, Snapshot
+from .accounts import Accounts, account_id, api_url, max_cost
 from .base import FillInfo, OrderResult, Protection, Side, fees_by_currency
 from .breaker import CircuitBreaker
+from .feed import MarketFeed
 from .profiles import ExchangeProfile, profile_for
-from .ratelimit import RateLimiter, bucket_for_exchange, limit_per_minute_from_ccxt
+from .ratelimit import RateLimiter
 from .retry import RetryPolicy, call_with_retry
 
 T = TypeVar("T")
@@ -176,6 +177,7 @@ class CcxtExchange:
         self.breaker = breaker
         self.retry = retry
         self._cache_dir = cache_dir
+        self._memo: dict[str, tuple[float, Any]] = {}  # cache entries read: (expires at, value)
         self._config_fee = config_fee
         self._secrets = tuple(s for s in secrets if s)
         self._book_limit = book_limit
@@ -213,7 +215,11 @@ class CcxtExchange:
         limiter: RateLimiter | None = None,
         breaker: CircuitBreaker | None = None,
         retry: RetryPolicy | None = None,
+        accounts: Accounts | None = None,
     ) -> CcxtExchange:
+        """A client for the config's account; its rate limiter and breaker are the account's, from `accounts`
+        (the daemon passes its own, shared by all its cycles; default: built for this client alone). `limiter`
+        and `breaker` override them (tests)."""
         ex = config.exchange
         klass = getattr(ccxt, ex.id, None)
         if ex.id not in ccxt.exchanges or klass is None:
@@ -251,22 +257,17 @@ class CcxtExchange:
                     "remove `sandbox: true`, or point exchange.api_url at a test server"
                 )
             client.set_sandbox_mode(True)
-        api_url = os.environ.get("REBALANCE_EXCHANGE_API_URL") or ex.api_url
-        if api_url:
-            client.urls["api"] = rebase_urls(client.urls["api"], api_url)
-        per_minute = (
-            float(ex.rate_limit_per_minute)
-            if ex.rate_limit_per_minute
-            else limit_per_minute_from_ccxt(client.rateLimit)
-        )
-        if limiter is None:
-            limiter = bucket_for_exchange(per_minute, max_cost=_max_cost(client))
-        account = hashlib.sha256((credentials.get("apiKey", "") + (api_url or "")).encode()).hexdigest()[:12]
-        cache_dir = config.resolved_state_dir() / "cache" / f"{ex.id}-{account}"
+        url = api_url(config)
+        if url:
+            client.urls["api"] = rebase_urls(client.urls["api"], url)
+        if limiter is None or breaker is None:
+            guards = (accounts or Accounts()).guards(config, client)
+            limiter, breaker = limiter or guards.limiter, breaker or guards.breaker
+        cache_dir = config.resolved_state_dir() / "cache" / f"{ex.id}-{account_id(config)}"
         return cls(
             client,
             limiter=limiter,
-            breaker=breaker or CircuitBreaker(f"{ex.id}", failure_threshold=5, reset_timeout=30.0),
+            breaker=breaker,
             retry=retry or RetryPolicy(),
             cache_dir=cache_dir,
             config_fee=ex.taker_fee,
@@ -370,19 +371,28 @@ class CcxtExchange:
     # -- caches -------------------------------------------------------------------------------------------
 
     def _cache_get(self, name: str, ttl: float) -> Any:
+        """A cached value younger than `ttl`; kept in memory too until it expires (a daemon's client reads the
+        same files every cycle: a stat and a JSON parse per market each time otherwise)."""
         if self._cache_dir is None:
             return None
+        memo = self._memo.get(name)
+        if memo is not None and time.time() < memo[0]:
+            return memo[1]
         path = self._cache_dir / f"{name}.json"
         try:
-            if time.time() - path.stat().st_mtime > ttl:
+            written = path.stat().st_mtime
+            if time.time() - written > ttl:
                 return None
-            return json.loads(path.read_text())
+            value = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+        self._memo[name] = (written + ttl, value)
+        return value
 
     def _cache_put(self, name: str, value: Any) -> None:
         if self._cache_dir is None:
             return
+        self._memo.pop(name, None)
         with contextlib.suppress(OSError):  # a cache that cannot be written only costs calls
             atomic_write_text(self._cache_dir / f"{name}.json", json.dumps(value))
 
@@ -505,12 +515,20 @@ class CcxtExchange:
         return free, locked
 
     def fetch_snapshot(
-        self, config: Config, state: PlannerState | None = None, *, full_books: bool = False
+        self,
+        config: Config,
+        state: PlannerState | None = None,
+        *,
+        full_books: bool = False,
+        feed: MarketFeed | None = None,
     ) -> Snapshot:
         """Balances (one call), best bid/ask of every market (one call), then full books only where the
         planner's cheap screen says a trade is possible; `full_books` reads every market's book, so that a
         saved snapshot replays any decision exactly. Slow-moving parts (markets, fees, volatility) come
-        from the cache and are read before the clock starts, so they never widen the skew."""
+        from the cache and are read before the clock starts, so they never widen the skew.
+
+        With a `feed` the balances and the bid/ask come from the reads it shares between portfolios (at most one
+        tick old; the snapshot's time is the older read's, its skew the reads' distance apart)."""
         quote = config.quote_symbol
         symbols = [f"{a.symbol}/{quote}" for a in config.assets if a.symbol != quote]
         self._ensure_markets()
@@ -519,8 +537,19 @@ class CcxtExchange:
         fees = {s: self._taker_fee(s, infos[s]) for s in symbols}
         started = time.monotonic()
         taken_at = datetime.now(UTC)
-        free, locked = self.fetch_balances()
-        tops = self._tops(symbols)
+        if feed is None:
+            free, locked = self.fetch_balances()
+            tops = self._tops(symbols)
+            spread = 0.0
+        else:
+            (free, locked), balances_at = feed.balances(account_id(config), self.fetch_balances)
+            tops, tops_at = feed.tops(
+                f"{self.id}|{api_url(config) or ''}", symbols, functools.partial(self._tops, lenient=True)
+            )
+            if any(s not in tops for s in symbols):
+                tops = {**tops, **self._tops([s for s in symbols if s not in tops])}  # refused with its reason
+            taken_at = datetime.fromtimestamp(min(balances_at, tops_at), UTC)
+            spread = abs(balances_at - tops_at)
         markets: dict[str, Market] = {}
         for s in symbols:
             info = infos[s]
@@ -556,30 +585,39 @@ class CcxtExchange:
             balances=balances,
             markets=markets,
             locked=held,
-            skew_seconds=time.monotonic() - started,
+            skew_seconds=time.monotonic() - started + spread,
             source=f"{self.id}",
         )
 
-    def _tops(self, symbols: list[str]) -> dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]]:
-        """Best bid and ask of every market in ONE request."""
+    def _tops(
+        self, symbols: list[str], *, lenient: bool = False
+    ) -> dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]]:
+        """Best bid and ask of every market in ONE request. `lenient` leaves out a market without a usable quote
+        instead of refusing them all (a shared read for many portfolios: each is refused for its own markets)."""
         if self.client.has.get("fetchBidsAsks"):
             raw = self.call("fetch_bids_asks", lambda: self.client.fetch_bids_asks(symbols))
         else:
             raw = self.call("fetch_tickers", lambda: self.client.fetch_tickers(symbols))
         out: dict[str, tuple[tuple[Level, ...], tuple[Level, ...]]] = {}
         for s in symbols:
-            t = (raw or {}).get(s)
-            if not t:
-                raise ExchangeError(f"{self.id} sent no bid/ask for {s}")
-            bid, ask = to_decimal(t.get("bid"), f"{s} bid"), to_decimal(t.get("ask"), f"{s} ask")
-            if bid is None or ask is None or bid <= 0 or ask <= 0:
-                raise ExchangeError(f"{self.id} has no two-sided market for {s} (bid {bid}, ask {ask})")
-            if bid >= ask:
-                raise ExchangeError(f"{self.id} sent a crossed top of book for {s}: bid {bid} >= ask {ask}")
-            bid_size = to_decimal(t.get("bidVolume"), f"{s} bid size") or Decimal("1e-18")
-            ask_size = to_decimal(t.get("askVolume"), f"{s} ask size") or Decimal("1e-18")
-            out[s] = (((bid, bid_size),), ((ask, ask_size),))
+            try:
+                out[s] = self._top(s, (raw or {}).get(s))
+            except ExchangeError:
+                if not lenient:
+                    raise
         return out
+
+    def _top(self, s: str, t: Any) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
+        if not t:
+            raise ExchangeError(f"{self.id} sent no bid/ask for {s}")
+        bid, ask = to_decimal(t.get("bid"), f"{s} bid"), to_decimal(t.get("ask"), f"{s} ask")
+        if bid is None or ask is None or bid <= 0 or ask <= 0:
+            raise ExchangeError(f"{self.id} has no two-sided market for {s} (bid {bid}, ask {ask})")
+        if bid >= ask:
+            raise ExchangeError(f"{self.id} sent a crossed top of book for {s}: bid {bid} >= ask {ask}")
+        bid_size = to_decimal(t.get("bidVolume"), f"{s} bid size") or Decimal("1e-18")
+        ask_size = to_decimal(t.get("askVolume"), f"{s} ask size") or Decimal("1e-18")
+        return ((bid, bid_size),), ((ask, ask_size),)
 
     def _book(self, symbol: str) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
         raw = self.call("fetch_order_book", lambda: self.client.fetch_order_book(symbol, self._book_limit))
@@ -781,15 +819,7 @@ def realized_volatility(closes: list[Decimal]) -> Decimal | None:
     return Decimal(str(round(math.sqrt(var), 6)))
 
 
-def _max_cost(client: Any) -> float:
-    """The heaviest request we make, in ccxt's cost units, so that the bucket can always grant it.
-
-    ccxt's costs for the calls a rebalancer makes stay below 50 on every exchange we know (Binance: depth at
-    1000 levels costs 20); an exchange may declare more, in which case its own figure wins."""
-    declared = [
-        float(v) for v in (getattr(client, "rateLimitCosts", None) or {}).values() if isinstance(v, int | float)
-    ]
-    return max([50.0, *declared])
+_max_cost = max_cost  # the name tests and benches know
 
 
 def _jsonable(value: Any) -> Any:

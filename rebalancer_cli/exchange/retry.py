@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type
-
 from rebalancer_cli.errors import RateLimitedError, RetryableExchangeError
 
 T = TypeVar("T")
@@ -67,32 +65,17 @@ def call_with_retry(
     now and raise, rather than sleep only to give up afterwards.
     """
     started = clock()
-
-    def wait(state: RetryCallState) -> float:
-        delay = policy.backoff(state.attempt_number, rng)
-        error = state.outcome.exception() if state.outcome is not None else None
-        if isinstance(error, RateLimitedError) and error.retry_after is not None:
-            delay = max(delay, error.retry_after)
-        return delay
-
-    def stop(state: RetryCallState) -> bool:
-        if state.attempt_number >= policy.attempts:
-            return True
-        return clock() - started + (state.upcoming_sleep or 0.0) > policy.max_total
-
-    def before_sleep(state: RetryCallState) -> None:
-        if on_retry is None or state.outcome is None:
-            return
-        error = state.outcome.exception()
-        if error is not None:
-            on_retry(state.attempt_number, error, state.upcoming_sleep)
-
-    retrying = Retrying(
-        sleep=sleep,
-        stop=stop,
-        wait=wait,
-        retry=retry_if_exception_type(RetryableExchangeError),
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-    return retrying(fn)
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except RetryableExchangeError as error:
+            delay = policy.backoff(attempt, rng)
+            if isinstance(error, RateLimitedError) and error.retry_after is not None:
+                delay = max(delay, error.retry_after)
+            if attempt >= policy.attempts or clock() - started + delay > policy.max_total:
+                raise
+            if on_retry is not None:
+                on_retry(attempt, error, delay)
+            sleep(delay)
