@@ -1174,10 +1174,17 @@ def _direct(argv: list[str]) -> tuple[Any, dict[str, Any]] | None:
     fn = command.callback
     hints = typing.get_type_hints(fn, include_extras=True)
     flags: dict[str, tuple[str, bool]] = {}  # "--config" -> ("config", takes a Path)
+    callbacks: dict[str, tuple[str, Any]] = {}  # "-v" -> ("verbose", _set_verbose)
     required: set[str] = set()
     for name, param in inspect.signature(fn).parameters.items():
         hint = hints.get(name)
         info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)), None)
+        if info is not None and info.callback in (_set_verbose, _set_quiet):
+            # the verbosity flags every command takes: given, typer would only call their callback
+            for decl in (info.default, *(info.param_decls or ())):
+                if isinstance(decl, str) and decl.startswith("-"):
+                    callbacks[decl] = (name, info.callback)
+            continue
         if info is None or info.envvar or info.exists or info.resolve_path or info.callback:
             return None  # an argument, a typer.Context, or something typer checks: typer parses
         base = typing.get_args(hint)[0]
@@ -1201,8 +1208,12 @@ def _direct(argv: list[str]) -> tuple[Any, dict[str, Any]] | None:
             required.add(name)
     kwargs: dict[str, Any] = {}
     args = iter(argv[1:])
+    counts: dict[str, int] = {}
     for token in args:
         flag, eq, inline = token.partition("=")
+        if flag in callbacks and not eq:
+            counts[callbacks[flag][0]] = counts.get(callbacks[flag][0], 0) + 1
+            continue
         known = flags.get(flag)
         if known is None or known[0] in kwargs:
             return None
@@ -1218,6 +1229,9 @@ def _direct(argv: list[str]) -> tuple[Any, dict[str, Any]] | None:
         kwargs[name] = Path(value)
     if not required <= kwargs.keys():
         return None
+    for name, callback in callbacks.values():
+        if name in counts and name not in kwargs:
+            kwargs[name] = callback(counts[name] if callback is _set_verbose else True)
     return fn, kwargs
 
 
