@@ -139,6 +139,8 @@ class OrderOutcome:
     fees: dict[str, Decimal] = field(default_factory=dict)
     reason: str = ""
     est_price: Decimal | None = None
+    # the shadow ledger refused to set its funds aside (what the daemon's lock-failure metric counts)
+    lock_refused: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -550,7 +552,7 @@ class Executor:
                 {"key": trade.idempotency_key, "asset": asset, "amount": str(lock_amount)},
                 self.clock(),
             )
-            outcome.status, outcome.reason = "rejected", reason
+            outcome.status, outcome.reason, outcome.lock_refused = "rejected", reason, True
             self._emit(outcome)
             return
         # no audit write for the lock: the ledger holds it, and recovery treats a lock like an intent (never sent)

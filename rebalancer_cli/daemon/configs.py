@@ -32,6 +32,20 @@ RELOAD_SLICE = 1000
 RELOAD_SWEEP = 5
 
 
+def _daemon_config(path: Path) -> Config:
+    """A config the daemon may trade on: valid, and on an exchange whose profile is proven for execution
+    (anything else is refused like an invalid config, with its line, never attempted blind)."""
+    from ..errors import Problem, UnprovenExchangeError
+    from ..exchange.profiles import require_proven
+
+    config = load_config(path)
+    try:
+        require_proven(config, "execute")
+    except UnprovenExchangeError as exc:
+        raise ConfigError([Problem(str(path), 0, 0, "exchange.id", str(exc))]) from None
+    return config
+
+
 def discover(paths: list[Path], known: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
     """Config files from files and directories (a directory contributes its *.yaml / *.yml, sorted).
 
@@ -90,7 +104,7 @@ class ConfigWatching(DaemonState):
         problems: list[str] = []
         for path in discover(self.paths):
             try:
-                config = load_config(path)
+                config = _daemon_config(path)
             except ConfigError as exc:
                 problems.append(str(exc))
                 continue
@@ -139,7 +153,7 @@ class ConfigWatching(DaemonState):
             if self._rejected.get(path) == mtime:
                 continue  # logged already; the next edit is read again
             try:
-                config = load_config(path)
+                config = _daemon_config(path)
             except ConfigError as exc:
                 self._rejected[path] = mtime
                 log(logger, logging.ERROR, "new config rejected", path=str(path), problems=_problems(exc))
@@ -178,7 +192,7 @@ class ConfigWatching(DaemonState):
 
     def _reload(self, slot: Slot) -> None:
         try:
-            config = load_config(slot.path)
+            config = _daemon_config(slot.path)
         except ConfigError as exc:
             log(
                 logger,

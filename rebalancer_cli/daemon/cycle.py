@@ -419,7 +419,7 @@ def _summarize(report: Any, result: CycleResult) -> None:
         result.decisions = {a.symbol: a.reason for a in plan.assets}
     for o in report.outcomes:
         result.order_results.append((o.side, o.status))
-        result.lock_failures += "shadow ledger refused" in o.reason
+        result.lock_failures += o.lock_refused
         result.orders.append(
             {
                 "market": o.market,

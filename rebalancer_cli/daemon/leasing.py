@@ -11,6 +11,7 @@ import math
 import time
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import killswitch
 from ..config import Config
 from ..errors import RebalanceError
 from ..leases import LeaseStore
@@ -175,8 +176,10 @@ class LeaseBalancing(DaemonState):
             try:
                 # announced before the first write: from now on the previous holder's writes are refused
                 self.runner.ledger(slot.config).advance_fence(slot.pid, token)
+                # a halt only the audit trail still knows is put back; a ledger that lost its state is refused
+                killswitch.verify(self.runner.ledger(slot.config), self.runner.audit(slot.config), slot.pid)
             except RebalanceError as exc:
-                log(logger, logging.ERROR, "fence not advanced; lease handed back", portfolio=slot.pid, error=str(exc))
+                log(logger, logging.ERROR, "portfolio not taken; lease handed back", portfolio=slot.pid, error=str(exc))
                 with contextlib.suppress(RebalanceError):
                     store.release(slot.pid, self.instance_id, token)
                 continue
