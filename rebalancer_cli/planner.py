@@ -107,7 +107,9 @@ def portfolio_risk(config: Config, snapshot: Snapshot) -> tuple[dict[str, AssetR
         matrix = tuple(tuple(rho(a, b) * sd[i] * sd[j] for j, b in enumerate(names)) for i, a in enumerate(names))
         cov = Covariance(tuple(names), matrix, source="market volatility and config correlations")
     w = [float(a.target_weight) for a in traded]
-    sigma = [[cov.of(a, b) for b in names] for a in names]
+    index = {s: k for k, s in enumerate(cov.assets)}  # an O(1) lookup, not the O(n) of Covariance.of
+    cols = [index[b] for b in names]
+    sigma = [[row[c] for c in cols] for row in (cov.matrix[index[a]] for a in names)]
     sw = [sum(sigma[i][j] * w[j] for j in range(len(w))) for i in range(len(w))]
     wsw = sum(w[i] * sw[i] for i in range(len(w)))
     out = {
@@ -719,7 +721,8 @@ def needs_book(
     state = state or PlannerState()
     when = now or snapshot.taken_at
     views, _ = _views(config, snapshot)
-    risk, _source = portfolio_risk(config, snapshot)
+    # only a no-trade region reads the covariance: O(assets^2), so no other rule pays for it
+    risk = portfolio_risk(config, snapshot)[0] if isinstance(policy.threshold, NoTradeRegion) else {}
     return {
         v.market.symbol
         for v in views
@@ -794,8 +797,8 @@ def plan(
     views, total = _views(config, snapshot)
     notes: list[str] = []
     candidates: list[_View] = []
-    risk, risk_source = portfolio_risk(config, snapshot)
     region = isinstance(policy.threshold, NoTradeRegion)
+    risk, risk_source = portfolio_risk(config, snapshot) if region else ({}, "")
     if region and not risk_source:
         notes.append("no covariance or volatility: no-trade regions sized on target weights alone")
 
