@@ -10,6 +10,7 @@ hysteresis / cooldown -> (only now) walk the book for the cost -> cost gate -> s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -89,33 +90,52 @@ def portfolio_risk(config: Config, snapshot: Snapshot) -> tuple[dict[str, AssetR
     The covariance is the snapshot's (a backtest's trailing daily closes, or a snapshot file's `covariance`);
     else each market's daily volatility with the config's `correlations` (unlisted pairs 0); else none, and
     a region falls back to the one-asset-against-cash width, which needs no covariance.
+
+    It depends only on the targets, the correlations and the volatilities (or the covariance), which change
+    daily, not on each tick's prices: computed once per distinct set of them (`_risk`, cached), a daemon's
+    idle checks do not pay the O(assets^2) work again.
     """
     quote = config.quote_symbol
-    traded = [a for a in config.assets if a.symbol != quote]
-    names = [a.symbol for a in traded]
-    cov: Covariance | None = snapshot.covariance
+    traded = tuple((a.symbol, a.target_weight) for a in config.assets if a.symbol != quote)
+    cov = snapshot.covariance
+    names = [s for s, _ in traded]
+    vols: tuple[Decimal | None, ...] = ()
     if cov is None or not cov.covers(names):
-        vols = [m.volatility if (m := snapshot.markets.get(f"{s}/{quote}")) else None for s in names]
+        cov = None
+        vols = tuple(m.volatility if (m := snapshot.markets.get(f"{s}/{quote}")) else None for s in names)
+    risk, source = _risk(traded, tuple(sorted(config.correlations.items())), vols, cov)
+    return dict(risk), source
+
+
+@functools.lru_cache(maxsize=4096)
+def _risk(
+    traded: tuple[tuple[str, Decimal], ...],
+    correlations: tuple[tuple[str, Decimal], ...],
+    vols: tuple[Decimal | None, ...],
+    cov: Covariance | None,
+) -> tuple[tuple[tuple[str, AssetRisk], ...], str]:
+    names = [s for s, _ in traded]
+    if cov is None:
         if not names or any(v is None or v <= 0 for v in vols):
-            return {}, ""
+            return (), ""
         sd = [float(v) for v in vols if v is not None]
-        corr = {tuple(k.split("/")): float(c) for k, c in config.correlations.items()}
+        corr = {tuple(k.split("/")): float(c) for k, c in correlations}
 
         def rho(a: str, b: str) -> float:
             return 1.0 if a == b else corr.get((a, b), corr.get((b, a), 0.0))
 
         matrix = tuple(tuple(rho(a, b) * sd[i] * sd[j] for j, b in enumerate(names)) for i, a in enumerate(names))
         cov = Covariance(tuple(names), matrix, source="market volatility and config correlations")
-    w = [float(a.target_weight) for a in traded]
+    w = [float(t) for _, t in traded]
     index = {s: k for k, s in enumerate(cov.assets)}  # an O(1) lookup, not the O(n) of Covariance.of
     cols = [index[b] for b in names]
     sigma = [[row[c] for c in cols] for row in (cov.matrix[index[a]] for a in names)]
     sw = [sum(sigma[i][j] * w[j] for j in range(len(w))) for i in range(len(w))]
     wsw = sum(w[i] * sw[i] for i in range(len(w)))
-    out = {
-        s: AssetRisk(w[i] ** 2 * max(0.0, sigma[i][i] - 2 * sw[i] + wsw), sigma[i][i], cov.source)
+    out = tuple(
+        (s, AssetRisk(w[i] ** 2 * max(0.0, sigma[i][i] - 2 * sw[i] + wsw), sigma[i][i], cov.source))
         for i, s in enumerate(names)
-    }
+    )
     return out, cov.source
 
 
