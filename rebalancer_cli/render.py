@@ -156,8 +156,8 @@ def print_table(
 # --- plan ----------------------------------------------------------------------------------------------
 
 BENEFIT_NOTE = (
-    "benefit = |drift| x total value x target weight: what correcting the drift is worth, traded only when "
-    "above est. cost x safety margin"
+    "benefit = |drift| x total value x target weight (the cost-adjusted rule trades only when it is above "
+    "est. cost x safety margin); threshold = the no-trade region's half-width, or the rule's band"
 )
 
 
