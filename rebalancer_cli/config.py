@@ -322,7 +322,7 @@ class Config(BaseModel):
         if self.exchange.snapshot:
             return self._relative(self.exchange.snapshot)
         if self.exchange.is_paper:
-            # a config without an `exchange` block is valid (DESIGN.md's minimum) but has nothing to trade on
+            # a config without an `exchange` block is valid (the documented minimum) but has nothing to trade on
             raise ConfigError(
                 [
                     Problem(

@@ -1,7 +1,7 @@
 """Exact decimal field types shared by the config and snapshot schemas.
 
 Operators write numbers as YAML numbers or quoted strings; both arrive here as text or `Decimal` (never float,
-see `yamlfile`). Range errors are phrased the way DESIGN.md promises ("must be between 0 and 1").
+see `yamlfile`). Range errors are phrased one way for every field ("must be between 0 and 1").
 """
 
 from __future__ import annotations

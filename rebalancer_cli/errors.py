@@ -1,6 +1,6 @@
 """The project's one exception hierarchy.
 
-Every error a user can cause or meet carries the exit code of DESIGN.md, so that `cli.py` maps an
+Every error a user can cause or meet carries its exit code (README's table), so that `cli.py` maps an
 exception to an exit status in one place and never prints a traceback for a known failure. ccxt's
 exceptions never leave `exchange/ccxt_exchange.py`: they are mapped there into the classes below.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 
 class ExitCode:
-    """Exit codes of DESIGN.md; scripts and cron wrappers rely on them."""
+    """Exit codes (README, "Exit codes"); scripts and cron wrappers rely on them."""
 
     OK = 0
     INTERNAL = 1

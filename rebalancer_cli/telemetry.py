@@ -1,4 +1,4 @@
-"""Metrics (Prometheus), traces (OpenTelemetry) and structured logs, with the names DESIGN.md promises.
+"""Metrics (Prometheus), traces (OpenTelemetry) and structured logs, with the names README's daemon section documents.
 
 Metrics live in a registry of our own (not the process-global default) so that a library caller or a test can
 run several daemons in one process. Spans go through the OpenTelemetry API, which is a no-op until an OTLP
@@ -36,7 +36,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 
 
 class Metrics:
-    """The metric set of DESIGN.md, in one registry."""
+    """The metric set README documents, in one registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

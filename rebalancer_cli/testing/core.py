@@ -9,7 +9,7 @@ uses, in that exchange's documented shapes, and the only thing a client changes 
 This module names no exchange. It hosts a **dialect** (one exchange's REST API, e.g. `binance.py`) and
 does everything that does not differ between exchanges:
 
-* Accounts and balances (free and locked per asset), loaded from a snapshot file (DESIGN.md format).
+* Accounts and balances (free and locked per asset), loaded from a snapshot file (README: snapshot format).
 * Books that deplete as orders fill. MARKET orders (by base quantity or by quote amount) walk the book
   level by level; LIMIT orders fill what crosses their price and the rest rests (GTC, locking the
   balance), expires (IOC) or nothing fills (FOK); LIMIT_MAKER (post-only) refuses to cross. Nothing else
@@ -1806,7 +1806,7 @@ def main(argv: Sequence[str] | None = None, *, default_exchange: str) -> int:
         prog="python -m rebalancer_cli.testing.emulator",
         description="Loopback exchange emulator serving a snapshot file.",
     )
-    parser.add_argument("--snapshot", required=True, type=Path, help="snapshot file (DESIGN.md format)")
+    parser.add_argument("--snapshot", required=True, type=Path, help="snapshot file (see `rebalance snapshot-schema`)")
     parser.add_argument("--exchange", choices=sorted(DIALECTS), default=default_exchange, help="REST dialect")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (0: any free port)")
     parser.add_argument("--api-key", default=None, help="accepted API key (default: the dialect's)")
