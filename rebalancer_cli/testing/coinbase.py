@@ -686,8 +686,8 @@ class CoinbaseDialect(Dialect):
         volume = sum((t.quote_qty for t in self.emulator.trades), Decimal(0))
         fees = sum((t.commission for t in self.emulator.trades), Decimal(0))
         return {
-            "total_volume": float(volume),
-            "total_fees": float(fees),
+            "total_volume": plain(volume),
+            "total_fees": plain(fees),
             "fee_tier": {
                 "pricing_tier": "Advanced 1",
                 "usd_from": "0",
@@ -699,8 +699,8 @@ class CoinbaseDialect(Dialect):
             },
             "margin_rate": None,
             "goods_and_services_tax": None,
-            "advanced_trade_only_volume": float(volume),
-            "advanced_trade_only_fees": float(fees),
+            "advanced_trade_only_volume": plain(volume),
+            "advanced_trade_only_fees": plain(fees),
             "coinbase_pro_volume": 0,
             "coinbase_pro_fees": 0,
             "total_balance": "",
