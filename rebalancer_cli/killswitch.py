@@ -33,14 +33,6 @@ def halt(ledger: ShadowLedger, audit: AuditStore, portfolio_id: str, reason: str
     return ledger.halted(portfolio_id) or Halt(reason, by, at)
 
 
-def resume(ledger: ShadowLedger, audit: AuditStore, portfolio_id: str, by: str) -> Halt | None:
-    """Lift the switch in both places; returns the halt that was lifted (None when none was set)."""
-    previous = ledger.halted(portfolio_id) or durable_halt(audit, portfolio_id)
-    audit.record_event(portfolio_id, RESUME, {"by": by}, datetime.now(UTC))
-    ledger.resume(portfolio_id)
-    return previous
-
-
 def durable_halt(audit: AuditStore, portfolio_id: str) -> Halt | None:
     """The halt the audit trail says is in force: its latest halt event, unless a resume came after it."""
     events = audit.events(portfolio_id, 1, kinds=(HALT, RESUME))

@@ -313,6 +313,8 @@ def _record_kill_switch(config: Config, kind: str, detail: dict[str, Any], at: d
 def halt(config_path: Path, reason: str, by: str | None = None, *, force: bool = False) -> HaltResult:
     """Pull the kill switch. A portfolio already halted keeps its reason (AlreadyHaltedError, exit 5) unless
     `force`; both halts are recorded in the audit trail."""
+    from . import killswitch
+
     config = load_config(config_path)
     ledger = open_ledger_for(config)
     try:
@@ -325,11 +327,14 @@ def halt(config_path: Path, reason: str, by: str | None = None, *, force: bool =
     finally:
         ledger.close()
     detail = {"reason": halted.reason, "by": halted.by, "replaced": previous.reason if previous else None}
-    return HaltResult(halted, previous, _record_kill_switch(config, "halt", detail, halted.at))
+    # the event killswitch.durable_halt reads back when the ledger has forgotten the halt
+    return HaltResult(halted, previous, _record_kill_switch(config, killswitch.HALT, detail, halted.at))
 
 
 def resume(config_path: Path, by: str | None = None) -> ResumeResult:
     """Lift the kill switch; says which halt was lifted (None when it was not set)."""
+    from . import killswitch
+
     config = load_config(config_path)
     ledger = open_ledger_for(config)
     who = by or operator()
@@ -341,7 +346,7 @@ def resume(config_path: Path, by: str | None = None) -> ResumeResult:
     if previous is None:
         return ResumeResult(None, who)
     detail = {"by": who, "reason": previous.reason}
-    return ResumeResult(previous, who, _record_kill_switch(config, "resume", detail, datetime.now(UTC)))
+    return ResumeResult(previous, who, _record_kill_switch(config, killswitch.RESUME, detail, datetime.now(UTC)))
 
 
 def history(config_path: Path, limit: int = 20) -> list[ExecutionRecord]:
