@@ -415,10 +415,10 @@ class Executor:
             group = [(t, o) for t, o in pairs if t.side == side]
             ready: list[tuple[Trade, OrderOutcome]] = []
             for trade, outcome in group:
-                refusal = self._admit(trade, outcome, mids, turnover, snapshot)
-                if refusal is None:
+                notional = self._admit(trade, outcome, mids, turnover, snapshot)
+                if notional is not None:
                     ready.append((trade, outcome))
-                    turnover += CostModel().estimate(snapshot.markets[trade.market], trade.side, trade.amount).notional
+                    turnover += notional
             amounts = self._fit_buys(ready, snapshot) if side == "buy" else [t.amount for t, _ in ready]
             self._send_group(plan, ready, amounts, snapshot, saved=saved)
             if self._circuit_open is not None:
@@ -432,22 +432,23 @@ class Executor:
 
     def _admit(
         self, trade: Trade, outcome: OrderOutcome, mids: dict[str, Decimal], turnover: Decimal, snapshot: Snapshot
-    ) -> str | None:
-        """The checks before an order may start, in plan order; the reason it may not, already reported."""
+    ) -> Decimal | None:
+        """The checks before an order may start, in plan order: the notional it was admitted at (priced on the
+        fresh book), or None when it may not start (the reason already reported)."""
         if self.stop.is_set():
             outcome.status, outcome.reason = "skipped", "shutting down: not started"
         elif self._halted_by is not None:
             outcome.status, outcome.reason = "refused", f"portfolio halted during this cycle: {self._halted_by}"
         else:
-            refusal = self._guard(trade, mids.get(trade.symbol), turnover, snapshot)
+            refusal, notional = self._guard(trade, mids.get(trade.symbol), turnover, snapshot)
             if refusal is None:
-                return None
+                return notional
             outcome.status, outcome.reason = "refused", refusal
             self.audit.record_event(
                 self.pid, "guard_refused", {"key": trade.idempotency_key, "why": refusal}, self.clock()
             )
         self._emit(outcome)
-        return outcome.reason
+        return None
 
     def _fit_buys(self, ready: list[tuple[Trade, OrderOutcome]], snapshot: Snapshot) -> list[Decimal]:
         """Each buy's amount, in plan order, against the quote still free once the buys before it are counted
@@ -490,26 +491,29 @@ class Executor:
             self._emit(outcome)
             self._circuit_open = exc
 
-    def _guard(self, trade: Trade, mid: Decimal | None, turnover: Decimal, snapshot: Snapshot) -> str | None:
-        """Guards on what would be sent, priced on the fresh snapshot's book: never on numbers carried by the
-        trade (a saved plan's notional or price may say anything)."""
+    def _guard(
+        self, trade: Trade, mid: Decimal | None, turnover: Decimal, snapshot: Snapshot
+    ) -> tuple[str | None, Decimal]:
+        """(refusal or None, notional): guards on what would be sent, priced on the fresh snapshot's book,
+        never on numbers carried by the trade (a saved plan's notional or price may say anything)."""
         c = self.config
         market = snapshot.markets.get(trade.market)
         if market is None:
-            return f"{trade.market} is not in the snapshot"
+            return f"{trade.market} is not in the snapshot", ZERO
         est = CostModel().estimate(market, trade.side, trade.amount)
-        if est.capped:
-            return f"{trade.amount} {market.base} is more than the visible book holds"
         notional = est.notional
+        if est.capped:
+            return f"{trade.amount} {market.base} is more than the visible book holds", notional
         if c.max_trade_notional is not None and notional > c.max_trade_notional:
-            return f"notional {notional:.2f} above max_trade_notional {c.max_trade_notional}"
+            return f"notional {notional:.2f} above max_trade_notional {c.max_trade_notional}", notional
         if c.max_cycle_turnover is not None and turnover + notional > c.max_cycle_turnover:
-            return f"cycle turnover would reach {turnover + notional:.2f}, above max_cycle_turnover"
+            return f"cycle turnover would reach {turnover + notional:.2f}, above max_cycle_turnover", notional
         if c.max_slippage is not None and mid:
             slip = abs(est.est_price - mid) / mid
             if slip > c.max_slippage:
-                return f"estimated price {slip * 100:.3f}% from mid, above max_slippage {c.max_slippage * 100}%"
-        return None
+                why = f"estimated price {slip * 100:.3f}% from mid, above max_slippage {c.max_slippage * 100}%"
+                return why, notional
+        return None, notional
 
     # -- one order --------------------------------------------------------------------------------------------
 
