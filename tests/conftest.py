@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-# fixtures shared by several test modules (lease stores on each backend)
-pytest_plugins = ["daemon_helpers"]
+# fixtures shared by several test modules (lease stores on each backend; the emulator in its own process)
+pytest_plugins = ["daemon_helpers", "process_emulator"]
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -10,24 +10,20 @@ Run with `pytest -s` to see the order counts per key.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import ccxt
 import pytest
 from exec_helpers import (
-    CREDENTIALS_ENV,
     OPENING,
     assert_books_agree,
     assert_each_key_filled_at_most_once,
     cli,
     emulator_exchange,
     order_counts,
-    remote_emulator,
     stores,
     write_config,
-    write_snapshot,
 )
 
 from rebalancer_cli.config import load_config
@@ -43,24 +39,7 @@ FAILPOINTS = ["after_intent", "after_lock", f"during_send:{DIE_AFTER_MS}", "afte
 BACKENDS = ["sqlite", "redis+postgres"]
 
 
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteEmulator]:
-    with remote_emulator(write_snapshot(tmp_path_factory.mktemp("emulator") / "market.yaml")) as emulator:
-        yield emulator
-
-
-@pytest.fixture(autouse=True)
-def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The emulator's keys, named by the configs' credentials_env, for the checks made in this process."""
-    for name, value in CREDENTIALS_ENV.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture(scope="module")
-def migrated(database_url: str) -> str:
-    result = cli("db", "migrate", "--database-url", database_url)
-    assert result.returncode == 0, result.stderr
-    return database_url
+pytestmark = pytest.mark.usefixtures("emulator_credentials")
 
 
 def test_the_emulator_refuses_an_order_that_arrives_after_its_receive_window(

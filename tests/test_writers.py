@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,10 +27,8 @@ from exec_helpers import (
     cli,
     emulator_exchange,
     order_counts,
-    remote_emulator,
     stores,
     write_config,
-    write_snapshot,
 )
 
 from rebalancer_cli.runtime import make_plan, reconcile
@@ -41,23 +38,7 @@ BACKENDS = ["sqlite", "redis+postgres"]
 ORDER_ENDPOINT = "POST /api/v3/order"
 
 
-@pytest.fixture(scope="module")
-def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteEmulator]:
-    with remote_emulator(write_snapshot(tmp_path_factory.mktemp("emulator") / "market.yaml")) as emulator:
-        yield emulator
-
-
-@pytest.fixture(autouse=True)
-def credentials(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in CREDENTIALS_ENV.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture(scope="module")
-def migrated(database_url: str) -> str:
-    result = cli("db", "migrate", "--database-url", database_url)
-    assert result.returncode == 0, result.stderr
-    return database_url
+pytestmark = pytest.mark.usefixtures("emulator_credentials")
 
 
 def portfolio(tmp_path: Path, remote: RemoteEmulator, pid: str, backend: str, request: pytest.FixtureRequest) -> Path:
