@@ -779,22 +779,8 @@ backtest_app = typer.Typer(
 )
 app.add_typer(backtest_app, name="backtest")
 
-# the names of simulation.policies.POLICY_NAMES (a test keeps them equal), for --help without importing the simulation
-POLICY_NAMES = (
-    "config",
-    "calendar",
-    "band",
-    "band-edge",
-    "tolerance-band",
-    "cost-adjusted",
-    "cost-adjusted+hysteresis+cooldown",
-    "cost-adjusted-edge",
-    "cost-adjusted-edge-half",
-    "no-trade-region",
-    "no-trade-region-edge",
-    "no-trade-region-target",
-)
-REGIME_NAMES = ("calm", "trending", "volatile")
+from .simulation.names import POLICY_NAMES  # noqa: E402  (imports nothing: --help stays light)
+
 CHART_HINT = (
     "--chart needs matplotlib: from the rebalance checkout, pip install -e '.[chart]' (or pip install matplotlib); "
     "the `rebalance` package on PyPI is another project"

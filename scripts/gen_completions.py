@@ -17,7 +17,8 @@ from typing import Any
 
 import typer
 
-from rebalancer_cli.cli import POLICY_NAMES, REGIME_NAMES, app
+from rebalancer_cli.cli import app
+from rebalancer_cli.simulation.names import POLICY_NAMES, REGIME_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "completions"

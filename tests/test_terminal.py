@@ -302,9 +302,10 @@ def test_version_json_everywhere_and_atomic_output(run_at: Any, tmp_path: Path, 
 
 def test_help_shows_no_python_types_and_backtest_help_lists_the_policies(capsys: pytest.CaptureFixture[str]) -> None:
     from rebalancer_cli import cli
-    from rebalancer_cli.simulation import generate, policies
+    from rebalancer_cli.simulation import generate, names, policies
 
-    assert cli.POLICY_NAMES == policies.POLICY_NAMES and set(cli.REGIME_NAMES) == set(generate.REGIMES)
+    # --help reads the names from simulation.names, which imports nothing: they must be the simulation's own
+    assert cli.POLICY_NAMES == policies.POLICY_NAMES and set(names.REGIME_NAMES) == set(generate.REGIMES)
     for path in (["plan"], ["daemon"], ["execute"], ["backtest"]):
         with pytest.raises(SystemExit):
             main([*path, "--help"])

@@ -23,6 +23,7 @@ from ..planner import (
     no_trade_region,
     policy_from_config,
 )
+from .names import POLICY_NAMES
 
 ZERO = Decimal(0)
 ONE = Decimal(1)
@@ -71,22 +72,6 @@ class BacktestPolicy:
     policy: Policy
     every_seconds: int | None = None
     description: str = ""
-
-
-POLICY_NAMES = (
-    "config",
-    "calendar",
-    "band",
-    "band-edge",
-    "tolerance-band",
-    "cost-adjusted",
-    "cost-adjusted+hysteresis+cooldown",
-    "cost-adjusted-edge",
-    "cost-adjusted-edge-half",
-    "no-trade-region",
-    "no-trade-region-edge",
-    "no-trade-region-target",
-)
 
 
 def named_policies(
