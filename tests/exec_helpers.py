@@ -8,8 +8,10 @@ import contextlib
 import decimal
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
 from pathlib import Path
@@ -181,6 +183,36 @@ def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> s
         env=full_env,
         timeout=timeout,
     )
+
+
+def cli_killed_once_order_arrives(
+    emulator: Any, *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI and SIGKILL it as soon as the emulator has received its first order request (held back by a
+    latency fault, so the exchange is still executing it): dead with an order in flight, whatever time the
+    client took before the request left (rate pacing, a loaded machine). A timed failpoint cannot promise
+    that: killed before the request left, the test would prove "never sent" instead."""
+    full_env = {**os.environ, **CREDENTIALS_ENV, **(env or {})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rebalancer_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+    due = time.monotonic() + timeout
+    try:
+        while not emulator.stats()["calls"].get("create_order"):
+            if proc.poll() is not None or time.monotonic() > due:
+                raise AssertionError(f"no order reached the emulator (exit {proc.returncode})")
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # --- the three books --------------------------------------------------------------------------------

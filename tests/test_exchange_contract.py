@@ -24,6 +24,7 @@ from exec_helpers import (
     assert_each_key_filled_at_most_once,
     check_consistent,
     cli,
+    cli_killed_once_order_arrives,
     comparable,
     emu_config,
     emulator_credentials,
@@ -153,13 +154,8 @@ def test_killed_with_an_order_in_flight_the_next_run_settles_it_after_the_accept
     the next run must not take "unknown to the exchange" for "never sent" before that window passed."""
     latency_ms = int(min(800.0, 400 * venue.settle_window))  # well inside the window: the exchange executes it
     venue.emulator.faults.latency(latency_ms, endpoint=ORDER_ENDPOINT, method="POST", count=1)
-    killed = cli(
-        "execute",
-        "--config",
-        str(venue.config),
-        "--confirm",
-        "--json",
-        env={**venue.env, "REBALANCE_FAILPOINT": f"during_send:{latency_ms * 3 // 8}"},
+    killed = cli_killed_once_order_arrives(
+        venue.emulator, "execute", "--config", str(venue.config), "--confirm", "--json", env=venue.env
     )
     assert killed.returncode == -9, f"expected death by SIGKILL: {killed.returncode} {killed.stderr}"
     assert not order_counts(venue.emulator.stats())  # dead while its order was still held back
