@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 from dataclasses import replace
@@ -29,6 +30,7 @@ from rebalancer_cli.snapshot import Market, Snapshot
 D = Decimal
 GOAL_P99_MS_50 = 5.0
 GOAL_IDLE_PER_SECOND = 10_000
+IDLE_TICKS = 200
 
 
 def scenario(n_assets: int, levels: int = 100) -> tuple[Config, Snapshot]:
@@ -99,28 +101,54 @@ def idle_scenario(n_assets: int = 10) -> tuple[Config, Snapshot]:
     return cfg, replace(snap, balances=balances)
 
 
+def idle_ticks(snap: Snapshot, n: int = IDLE_TICKS) -> list[Snapshot]:
+    """`n` reads of the idle portfolio as a live market gives them: every best bid and ask moves by a few ticks
+    from one read to the next (a seeded random walk, a few basis points in all), so nothing keyed on
+    prices is found again from one check to the next, as in a daemon; the portfolio stays inside its regions."""
+    rng = random.Random(7)
+    ticks = []
+    shift = {s: 0 for s in snap.markets}
+    for _ in range(n):
+        markets = {}
+        for s, m in snap.markets.items():
+            shift[s] = max(-20, min(20, shift[s] + rng.choice((-1, 0, 1))))
+            moved = D(shift[s]) / 100
+            (bid, bid_size), (ask, ask_size) = m.bids[0], m.asks[0]
+            markets[s] = replace(m, bids=((bid + moved, bid_size),), asks=((ask + moved, ask_size),))
+        ticks.append(replace(snap, markets=markets))
+    return ticks
+
+
 def idle_checks_per_second(seconds: float, policy: PolicyName | None = None) -> tuple[float, float]:
     """(checks per CPU second, per wall second) of the idle check, repeated for `seconds` of CPU time, on the
-    scenario's own policy or on `policy`."""
+    scenario's own policy or on `policy`, each check on the next of `idle_ticks`."""
     cfg, snap = idle_scenario()
     if policy is not None:
         cfg = cfg.model_copy(update={"policy": policy})
     state = PlannerState().after(plan(cfg, snap), set(), snap.taken_at)  # the memory after the first cycle
+    ticks = idle_ticks(snap)
+    for tick in ticks:  # every tick idle, and the screen's hold the plan's own, to the digit
+        full = plan(cfg, tick, state, now=tick.taken_at)
+        first = decide_hold(cfg, tick, state, tick.taken_at)
+        if first is None or first.decisions != tuple((a.symbol, a.reason) for a in full.assets):
+            raise SystemExit(f"the idle check's decisions differ from the plan's: {first}")
+        if first.drift != full.summary.drift_before:
+            raise SystemExit(f"the idle check's drift {first.drift} is not the plan's {full.summary.drift_before}")
     checks = 0
 
-    def check() -> None:
-        books = needs_book(cfg, snap, state, now=snap.taken_at)  # in the exchange's snapshot: which books to read
-        hold = decide_hold(cfg, snap, state, snap.taken_at)  # the daemon's idle check from there
+    def check(tick: Snapshot) -> None:
+        books = needs_book(cfg, tick, state, now=tick.taken_at)  # in the exchange's snapshot: which books to read
+        hold = decide_hold(cfg, tick, state, tick.taken_at)  # the daemon's idle check from there
         if books or hold is None or hold.memory != state:
             raise SystemExit(f"the idle scenario is not idle: books {books}, hold {hold}")
 
-    for _ in range(200):
-        check()
+    for tick in ticks:
+        check(tick)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     while time.process_time() - cpu0 < seconds:
-        for _ in range(100):
-            check()
-        checks += 100
+        for tick in ticks:
+            check(tick)
+        checks += len(ticks)
     return checks / (time.process_time() - cpu0), checks / (time.perf_counter() - wall0)
 
 

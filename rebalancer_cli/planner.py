@@ -20,7 +20,15 @@ from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Any, Protocol
 
 from .config import AssetConfig, Config, PolicyName, RebalanceTo
-from .costs import DEFAULT_PRICE_BOUND, CostEstimate, CostModel, worst_acceptable_price
+from .costs import (
+    DEFAULT_PRICE_BOUND,
+    BookWalkSlippage,
+    CostEstimate,
+    CostModel,
+    TakerFee,
+    TopOfBookSlippage,
+    worst_acceptable_price,
+)
 from .errors import InputError, PlanningError
 from .ids import KeyFactory, new_key
 from .snapshot import Covariance, Market, Snapshot
@@ -207,25 +215,71 @@ class NoTradeRegion:
         return est.total / est.notional if est.notional else market.taker_fee
 
     def figures(self, asset: AssetContext, *, cost_rate: Decimal | None = None) -> RegionFigures:
-        if asset.market is None:
+        """The asset's region. A daemon asks this for every asset of every idle check, and the inputs change
+        when the book's top or the daily statistics do: with the stock cost models (taker fee; book walk or top
+        of book) and a best level that holds a whole lot, k reads nothing but the fee, the lot, the mid and that
+        level, so the figures are remembered under exactly those, the target and the risk. Any other model or
+        book is computed afresh."""
+        market = asset.market
+        if market is None:
             return RegionFigures(ZERO, ZERO, ZERO, "")
         side = "buy" if asset.drift > 0 else "sell"
-        k = self.cost_rate(asset.market, side) if cost_rate is None else cost_rate
+        key: tuple[Any, ...] | None = None
+        if cost_rate is None and self.stock_costs():
+            levels = market.asks if side == "buy" else market.bids
+            if levels and levels[0][1] >= market.amount_step:
+                key = (
+                    self.risk_aversion,
+                    self.check_seconds,
+                    side,
+                    market.taker_fee,
+                    market.amount_step,
+                    market.mid,
+                    levels[0],
+                    asset.target,
+                    asset.risk,
+                )
+                found = _REGIONS.get(key)
+                if found is not None:
+                    return found
+        k = self.cost_rate(market, side) if cost_rate is None else cost_rate
         width, raw = self.half_width(float(k), float(asset.target), asset.risk)
-        return RegionFigures(
+        figures = RegionFigures(
             _decimal(width), _decimal(raw), k, asset.risk.source if asset.risk else "target weight alone"
+        )
+        if key is not None:
+            if len(_REGIONS) >= _REGIONS_MAX:
+                _REGIONS.clear()
+            _REGIONS[key] = figures
+        return figures
+
+    def stock_costs(self) -> bool:
+        """Whether the cost model is the stock one, whose one-lot k is a closed form (see `_float_cost_rate`)."""
+        model = self.cost_model
+        return (
+            type(model) is CostModel
+            and type(model.fees) is TakerFee
+            and type(model.slippage) in (BookWalkSlippage, TopOfBookSlippage)
         )
 
     def half_width(self, k: float, target: float, risk: AssetRisk | None) -> tuple[float, float]:
         """(corrected, uncorrected) half-width; floats, as it is a statistic that only places a boundary."""
-        gamma = float(self.risk_aversion)
-        if risk is None or risk.deviation_variance <= 0:
-            ratio, s2 = (target * (1 - target)) ** 2, 0.0
-        else:
-            ratio, s2 = risk.weight_variance / risk.deviation_variance, risk.weight_variance
-        raw = (3 * k * ratio / (2 * gamma)) ** (1 / 3) if k > 0 and ratio > 0 else 0.0
-        dt_days = float(self.check_seconds) / 86_400
-        return max(0.0, raw - DISCRETE_CHECK_BETA * math.sqrt(s2 * dt_days)), raw
+        return _region_width(k, target, risk, float(self.risk_aversion), float(self.check_seconds) / 86_400)
+
+
+def _region_width(k: float, target: float, risk: AssetRisk | None, gamma: float, dt_days: float) -> tuple[float, float]:
+    """`NoTradeRegion.half_width` with its constants given (the screen computes them once per check)."""
+    if risk is None or risk.deviation_variance <= 0:
+        ratio, s2 = (target * (1 - target)) ** 2, 0.0
+    else:
+        ratio, s2 = risk.weight_variance / risk.deviation_variance, risk.weight_variance
+    raw = (3 * k * ratio / (2 * gamma)) ** (1 / 3) if k > 0 and ratio > 0 else 0.0
+    return max(0.0, raw - DISCRETE_CHECK_BETA * math.sqrt(s2 * dt_days)), raw
+
+
+# the figures of the region inputs seen so far (`NoTradeRegion.figures`), by everything they are computed from
+_REGIONS: dict[tuple[Any, ...], RegionFigures] = {}
+_REGIONS_MAX = 65536
 
 
 def _decimal(x: float) -> Decimal:
@@ -766,8 +820,10 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
     `_FLOAT_MARGIN`, a margin far wider than the floats' error, so the answer is the exact screen's; anything
     closer, unusual or missing (a market the exact path would report) returns False and the exact path runs.
     """
-    if not isinstance(policy.threshold, VolatilityScaledThreshold | FixedThreshold):
-        return False  # a rule that reads more than the market's volatility (a no-trade region): exact path
+    rule = policy.threshold
+    region = isinstance(rule, NoTradeRegion)
+    if not region and not isinstance(rule, VolatilityScaledThreshold | FixedThreshold):
+        return False  # a rule this screen does not know: the exact path
     quote = config.quote_symbol
     markets, balances, locked = snapshot.markets, snapshot.balances, snapshot.locked
     screened: list[tuple[AssetConfig, Market, float]] = []  # (asset, market, value) of every non-quote asset
@@ -790,14 +846,83 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
         total += value
     if not _FLOAT_RANGE[0] < total < _FLOAT_RANGE[1]:
         return False
-    widen = ONE + policy.hysteresis if policy.hysteresis else ONE
+    widen = float(ONE + policy.hysteresis if policy.hysteresis else ONE)
+    region_rule = rule if isinstance(rule, NoTradeRegion) else None
+    if region_rule is not None:
+        risk = portfolio_risk(config, snapshot)[0]
+        stock = region_rule.stock_costs()
+        gamma, dt_days = float(region_rule.risk_aversion), float(region_rule.check_seconds) / 86_400
     for a, market, value in screened:
-        context = AssetContext(a.symbol, a.target_weight, ZERO, market)  # these rules read the volatility only
-        trigger = float(policy.threshold.threshold(context) * widen)
-        size = abs(float(a.target_weight) - value / total)
-        if not size < min(trigger, float(a.max_deviation)) - _FLOAT_MARGIN:
+        target = float(a.target_weight)
+        drift = target - value / total
+        size = abs(drift)
+        if region_rule is not None:
+            # a region's width depends on the side (k of a buy or a sell): where the float drift's sign is not
+            # certain, the narrower of the two
+            asset_risk = risk.get(a.symbol)
+            if drift > _FLOAT_MARGIN or drift < -_FLOAT_MARGIN:
+                k = _float_cost_rate(region_rule, market, "buy" if drift > 0 else "sell", stock)
+            else:
+                k = min(
+                    _float_cost_rate(region_rule, market, "buy", stock),
+                    _float_cost_rate(region_rule, market, "sell", stock),
+                )
+            # narrower where k is smaller; the exact path rounds the width to _WIDTH_QUANTUM, maybe that much down
+            width = _region_width(k, target, asset_risk, gamma, dt_days)[0] - _WIDTH_SLACK
+        else:  # these rules read the volatility only
+            width = float(rule.threshold(AssetContext(a.symbol, a.target_weight, ZERO, market)))
+        if not size < min(width * widen, float(a.max_deviation)) - _FLOAT_MARGIN:
             return False
     return True
+
+
+_WIDTH_SLACK = float(_WIDTH_QUANTUM)
+
+
+def _float_cost_rate(rule: NoTradeRegion, market: Market, side: str, stock: bool) -> float:
+    """k of one lot, in floats, for the screen. With the stock cost models and a best level that holds a lot, the
+    cost model's estimate is fee * p * lot + |p - mid| * lot on a notional of p * lot, so k = fee + |p - mid| / p
+    (a few ulps from the Decimal quotient, far inside the screen's margin once through the cube root); any other
+    model or book asks the cost model itself."""
+    levels = market.asks if side == "buy" else market.bids
+    if stock and levels and levels[0][1] >= market.amount_step:
+        price = float(levels[0][0])
+        if price > 0:
+            return float(market.taker_fee) + abs(price - float(market.mid)) / price
+    return float(rule.cost_rate(market, side))
+
+
+@dataclass(frozen=True, slots=True)
+class IdleHold:
+    """What an idle check needs of a plan that holds every asset: each asset's reason, in the plan's order,
+    and the drift before (= after), exactly as `plan` would give them."""
+
+    decisions: tuple[tuple[str, str], ...]
+    drift: Decimal
+
+
+def idle_hold(
+    config: Config, snapshot: Snapshot, state: PlannerState, *, policy: Policy | None = None
+) -> IdleHold | None:
+    """The daemon's idle check without the plan: not None only when the float screen proves that `plan` would
+    hold every asset (`_certainly_below_threshold`) and leave the memory as it is (every asset already
+    remembered, and armed where hysteresis could re-arm it), so its decisions are known without building the
+    plan. Anything else returns None, and `plan` decides."""
+    policy = policy or policy_from_config(config)
+    remembered = state.assets
+    for a in config.assets:
+        mem = remembered.get(a.symbol)
+        if mem is None or (policy.hysteresis and not mem.armed):
+            return None
+    if not _certainly_below_threshold(config, snapshot, policy):
+        return None
+    holds = INSIDE_REGION if isinstance(policy.threshold, NoTradeRegion) else BELOW_THRESHOLD
+    quote = config.quote_symbol
+    views, _ = _views(config, snapshot)
+    return IdleHold(
+        tuple((a.symbol, IS_QUOTE if a.symbol == quote else holds) for a in config.assets),
+        sum((abs(v.drift) for v in views), ZERO),
+    )
 
 
 def plan(

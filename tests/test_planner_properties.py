@@ -10,7 +10,17 @@ from plan_helpers import T0
 
 from rebalancer_cli.config import Config, PolicyName
 from rebalancer_cli.errors import PlanningError
-from rebalancer_cli.planner import AssetMemory, _screen, _views, needs_book, plan, policy_from_config, portfolio_risk
+from rebalancer_cli.planner import (
+    AssetMemory,
+    PlannerState,
+    _screen,
+    _views,
+    idle_hold,
+    needs_book,
+    plan,
+    policy_from_config,
+    portfolio_risk,
+)
 from rebalancer_cli.snapshot import Market, Snapshot
 
 D = Decimal
@@ -119,25 +129,67 @@ def _exact_needs_book(cfg: Config, snap: Snapshot) -> set[str]:
     }
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.integers(0, 10**6))
-def test_the_float_screen_reads_the_books_the_exact_screen_reads(case: tuple[Config, Snapshot], nudge: int) -> None:
-    cfg, snap = case
-    # the float screen answers for volatility-scaled thresholds; a no-trade region always goes the exact way
-    cfg = cfg.model_copy(update={"policy": PolicyName.COST_ADJUSTED})
-    # most random portfolios are far off target: bring them near it, where the screen's answer is close
+def _near_target(cfg: Config, snap: Snapshot, nudge: int) -> Snapshot:
+    """Most random portfolios are far off target: this one brought near it, where the screen's answer is close."""
     balances = dict(snap.balances)
-    for a in cfg.assets:
+    for i, a in enumerate(cfg.assets):
         market = snap.markets.get(f"{a.symbol}/USDC")
         if market is not None:
-            balances[a.symbol] = (a.target_weight * D(10**6) / market.mid) * (1 + D(nudge) / D(10**8))
+            sign = 1 if i % 2 else -1
+            balances[a.symbol] = (a.target_weight * D(10**6) / market.mid) * (1 + sign * D(nudge) / D(10**8))
     balances["USDC"] = cfg.assets[-1].target_weight * D(10**6)
-    for s in (snap, Snapshot(taken_at=T0, balances=balances, markets=snap.markets)):
+    return Snapshot(taken_at=T0, balances=balances, markets=snap.markets)
+
+
+POLICIES = st.sampled_from([PolicyName.COST_ADJUSTED, PolicyName.NO_TRADE_REGION])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(0, 10**7), POLICIES)
+def test_the_float_screen_reads_the_books_the_exact_screen_reads(
+    case: tuple[Config, Snapshot], nudge: int, policy: PolicyName
+) -> None:
+    cfg, snap = case
+    cfg = cfg.model_copy(update={"policy": policy})
+    for s in (snap, _near_target(cfg, snap, nudge)):
         try:
             expected = _exact_needs_book(cfg, s)
         except PlanningError:
             continue
         assert needs_book(cfg, s, now=T0) == expected
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(0, 10**7), POLICIES)
+def test_an_idle_hold_is_the_plans_hold_to_the_digit(
+    case: tuple[Config, Snapshot], nudge: int, policy: PolicyName
+) -> None:
+    """The daemon's idle check skips the plan when the screen proves the hold: its decisions and drift must be
+    the ones the plan gives, and it must leave the memory as the plan would."""
+    cfg, snap = case
+    cfg = cfg.model_copy(update={"policy": policy})
+    s = _near_target(cfg, snap, nudge)
+    try:
+        full = plan(cfg, s, now=T0)
+    except PlanningError:
+        return
+    state = PlannerState().after(full, set(), T0)
+    quick = idle_hold(cfg, s, state)
+    if quick is None:
+        return
+    again = plan(cfg, s, state, now=T0)
+    assert not again.trades
+    assert quick.decisions == tuple((a.symbol, a.reason) for a in again.assets)
+    assert quick.drift == again.summary.drift_before
+    assert state.after(again, set(), T0) == state
+
+
+def test_an_idle_hold_needs_the_memory_of_every_asset() -> None:
+    cfg, snap = _on_threshold_case()
+    cfg.base_threshold = D("0.5")
+    assert idle_hold(cfg, snap, PlannerState()) is None  # a fresh memory changes on the first hold: plan
+    remembered = PlannerState().after(plan(cfg, snap, now=T0), set(), T0)
+    assert idle_hold(cfg, snap, remembered) is not None
 
 
 def test_a_drift_exactly_on_its_threshold_is_decided_by_the_exact_screen() -> None:

@@ -107,25 +107,33 @@ class CycleResult:
 
 @dataclass(frozen=True)
 class Hold:
-    """An idle check's decision: the hold-only plan and what the cycle would write (each only if it changed)."""
+    """An idle check's decision: what the cycle would write (each only if it changed), and the hold-only plan
+    when one was built (None when the screen proved the hold: `plan` is then run only to record it)."""
 
-    plan: Plan
+    plan: Plan | None
     memory: PlannerState  # the planner's memory after this hold
     holdings: dict[str, Decimal]  # free + locked per asset, as the ledger keeps them
     decisions: tuple[tuple[str, str], ...]  # (asset, reason): a plan is recorded when these change
+    drift: Decimal  # sum of |drift| before (= after) the hold
 
 
 def decide_hold(config: Config, snapshot: Snapshot, state: PlannerState, now: datetime) -> Hold | None:
     """From the snapshot to "hold" (None: the plan trades). The daemon's idle check after its reads; what
-    bench/plan_bench.py times as an idle check, with the screen that picked the books to read."""
-    from ..planner import plan
+    bench/plan_bench.py times as an idle check, with the screen that picked the books to read.
 
+    Most idle checks end at the planner's screen (`idle_hold`), which knows every decision without a plan;
+    the rest plan in full."""
+    from ..planner import idle_hold, plan
+
+    holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
+    quick = idle_hold(config, snapshot, state)
+    if quick is not None:
+        return Hold(None, state, holdings, quick.decisions, quick.drift)
     held = plan(config, snapshot, state, now=now)
     if held.trades:
         return None
-    holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
     decisions = tuple((a.symbol, a.reason) for a in held.assets)
-    return Hold(held, state.after(held, set(), now), holdings, decisions)
+    return Hold(held, state.after(held, set(), now), holdings, decisions, held.summary.drift_before)
 
 
 class CycleRunner:
@@ -311,6 +319,9 @@ class CycleRunner:
                     result.elapsed = time.perf_counter() - t0
                     self._exchange_figures(exchange, before, result)
             _summarize(report, result)
+            if idle and report.plan is None:  # a hold the screen proved: its decisions are the ones recorded
+                result.decisions = dict(self._recorded.get(pid, ()))
+                result.cost_ratio = 0.0
             now = time.time()
             if not idle or now - self._scheduled.get(pid, 0.0) >= SCHEDULE_REFRESH * float(config.interval):
                 ledger.set_memory(_schedule_key(pid), json.dumps({"last_cycle": now}), fence=token)
@@ -338,7 +349,7 @@ class CycleRunner:
             return None  # the paper exchange reads a local file: nothing to share
         from ..exchange.ccxt_exchange import CcxtExchange
         from ..executor import ExecutionReport
-        from ..planner import PlannerState
+        from ..planner import PlannerState, plan
         from ..runtime import check_skew
 
         if not isinstance(exchange, CcxtExchange):
@@ -358,17 +369,16 @@ class CycleRunner:
         hold = decide_hold(config, snapshot, state, now)
         if hold is None:
             return None
-        held = hold.plan
         if hold.memory != state:
             ledger.set_memory(pid, hold.memory.to_json(), fence=token)
         if self._synced.get(pid) != hold.holdings and not ledger.locks(pid):
             ledger.sync_balances(pid, hold.holdings, fence=token)
             self._synced[pid] = hold.holdings
         if self._recorded.get(pid) != hold.decisions:
-            audit.record_plan(held.plan_id, pid, now, held.to_dict(), held.summary.drift_before, finished="done")
+            held = hold.plan or plan(config, snapshot, state, now=now)
+            audit.record_plan(held.plan_id, pid, now, held.to_dict(), hold.drift, finished="done")
             self._recorded[pid] = hold.decisions
-        drift = held.summary.drift_before
-        return ExecutionReport(pid, held, [], [], drift, drift)
+        return ExecutionReport(pid, hold.plan, [], [], hold.drift, hold.drift)
 
     def _exchange_figures(self, exchange: Any, before: dict[str, int], result: CycleResult) -> None:
         """API calls, breaker and rate-limit budget, also of a failed cycle (when they matter most).
