@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from . import failpoints, killswitch
 from .audit.base import AuditStore, Fill, OrderIntent, OrderRecord, OrderStatus
@@ -260,10 +260,17 @@ class Executor:
         """Recover, snapshot, plan (or check a saved plan), execute, record. Raises HaltedError when halted."""
         self.check_halt()
         # a dry run only plans: settling earlier runs' orders is a writer's job, under the lease
-        recovered = [] if plan_only else self.recover()
-        state = PlannerState.from_json(self.ledger.get_memory(self.pid))
-        with span("snapshot", portfolio=self.pid, exchange=self.exchange.id):
-            snapshot = self.exchange.fetch_snapshot(self.config, state)
+        if plan_only:
+            recovered: list[OrderOutcome] = []
+            state, snapshot = self._read()
+        else:
+            # What earlier runs left open is read beside the snapshot, not before it: almost always there is
+            # nothing, and the cycle saves a store round trip. When there is, it is settled first and the memory
+            # and the snapshot are read again, after the fills it booked.
+            reads: list[Any] = side_by_side([functools.partial(self.audit.open_orders, self.pid), self._read])
+            left_open = cast(list[OrderRecord], reads[0])
+            recovered = [self._recover_one(record) for record in left_open]
+            state, snapshot = self._read() if left_open else cast(tuple[PlannerState, Snapshot], reads[1])
         from .runtime import check_skew
 
         check_skew(self.config, snapshot)
@@ -474,18 +481,51 @@ class Executor:
         *,
         saved: bool,
     ) -> None:
-        jobs = [
-            functools.partial(self._order, plan, trade, outcome, amount, snapshot, saved)
-            for (trade, outcome), amount in zip(ready, amounts, strict=True)
-        ]
-        side_by_side(jobs)
+        """Every intent of the group in one store round trip (write-ahead, before the first of them leaves),
+        then each order's protocol side by side."""
+        prepared: list[tuple[Trade, OrderOutcome, OrderIntent]] = []
+        for (trade, outcome), amount in zip(ready, amounts, strict=True):
+            intent = self._intent(plan, trade, outcome, amount, saved=saved)
+            if intent is not None:
+                prepared.append((trade, outcome, intent))
+        if not prepared:
+            return
+        new = self.audit.record_intents([intent for _, _, intent in prepared])
+        side_by_side(
+            [
+                functools.partial(self._order, trade, outcome, intent, fresh, snapshot)
+                for (trade, outcome, intent), fresh in zip(prepared, new, strict=True)
+            ]
+        )
 
-    def _order(
-        self, plan: Plan, trade: Trade, outcome: OrderOutcome, amount: Decimal, snapshot: Snapshot, saved: bool
-    ) -> None:
+    def _intent(
+        self, plan: Plan, trade: Trade, outcome: OrderOutcome, amount: Decimal, *, saved: bool
+    ) -> OrderIntent | None:
+        """The intent to write for `trade` (`amount`: a buy's, fitted to the quote it may spend), or None when
+        it may not go (the reason already reported)."""
+        if saved and self._known(trade.idempotency_key, outcome):
+            return None
+        if trade.side == "buy":
+            if amount <= 0:
+                outcome.status, outcome.reason = "skipped", "not enough quote freed by the sells for this buy"
+                self._emit(outcome)
+                return None
+            outcome.amount = amount
+        return OrderIntent(
+            key=trade.idempotency_key,
+            portfolio_id=self.pid,
+            plan_id=plan.plan_id,
+            market=trade.market,
+            side=trade.side,
+            amount=amount,
+            est_price=trade.est_price,
+            created_at=self.clock(),
+        )
+
+    def _order(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, new: bool, snapshot: Snapshot) -> None:
         try:
             with span("order", portfolio=self.pid, market=trade.market, side=trade.side, key=trade.idempotency_key):
-                self._one(plan, trade, outcome, snapshot, saved=saved, amount=amount)
+                self._one(trade, outcome, intent, new, snapshot)
         except CircuitOpenError as exc:
             outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
             self._emit(outcome)
@@ -517,30 +557,11 @@ class Executor:
 
     # -- one order --------------------------------------------------------------------------------------------
 
-    def _one(
-        self, plan: Plan, trade: Trade, outcome: OrderOutcome, snapshot: Snapshot, *, saved: bool, amount: Decimal
-    ) -> None:
-        """One order's protocol; `amount` is what to send (a buy's, fitted to the quote it may spend)."""
+    def _one(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, new: bool, snapshot: Snapshot) -> None:
+        """One order's protocol once its intent is written (`new`: this run wrote it, no other run had)."""
         market = snapshot.markets[trade.market]
-        if saved and self._known(trade.idempotency_key, outcome):
-            return
-        if trade.side == "buy":
-            if amount <= 0:
-                outcome.status, outcome.reason = "skipped", "not enough quote freed by the sells for this buy"
-                self._emit(outcome)
-                return
-            outcome.amount = amount
-        intent = OrderIntent(
-            key=trade.idempotency_key,
-            portfolio_id=self.pid,
-            plan_id=plan.plan_id,
-            market=trade.market,
-            side=trade.side,
-            amount=amount,
-            est_price=trade.est_price,
-            created_at=self.clock(),
-        )
-        if not self.audit.record_intent(intent) and self._known(trade.idempotency_key, outcome):
+        amount = intent.amount
+        if not new and self._known(trade.idempotency_key, outcome):
             return  # another run recorded it between our check and our write
         failpoints.hit("after_intent")
         worst = self._bound(market, trade.side, amount)
@@ -567,19 +588,19 @@ class Executor:
         key = trade.idempotency_key
 
         def mark_sent() -> None:
-            # Durable before the request leaves, and stamped after any rate-limit wait: recovery counts the
-            # exchange's receive window from this moment, so it must not be earlier than the request's signature.
-            # written straight through (not behind): nothing else of this key is queued, its intent was synchronous
-            write_now = getattr(self.audit, "update_order_now", self.audit.update_order)
-            write_now(key, OrderStatus.SENT, at=self.clock())
-            # Then the fence, atomically with the kill switch and the lock: SENT is durable before this check,
-            # so a successor that took the lease after it passed finds SENT and waits out the settle window.
-            check, detail = self.ledger.begin_send(self.pid, key, fence=self.fence)
+            # Stamped after any rate-limit wait: recovery counts the exchange's receive window from this moment,
+            # so it must not be earlier than the request's signature. The fence, the kill switch and the lock are
+            # checked and the "leaving" mark is written in one atomic ledger step: a successor that took the lease
+            # after it finds the mark and waits out the settle window. The audit row's SENT is history only, so it
+            # is written behind.
+            at = self.clock()
+            check, detail = self.ledger.begin_send(self.pid, key, fence=self.fence, at=at)
             if check == "halted":
                 self._halted_by = detail
                 raise SendRefusedError(f"not sent: the portfolio was halted ({detail})")
             if check != "ok":
                 raise SendRefusedError("not sent: its lock was taken back by another writer's recovery")
+            self.audit.update_order(key, OrderStatus.SENT, at=at)
             outcome.status = "sent"
             self._emit(outcome)
 
@@ -903,6 +924,12 @@ class Executor:
 
     # -- recovery ----------------------------------------------------------------------------------------------
 
+    def _read(self) -> tuple[PlannerState, Snapshot]:
+        """The planner's memory and the exchange's snapshot, as the plan reads them."""
+        state = PlannerState.from_json(self.ledger.get_memory(self.pid))
+        with span("snapshot", portfolio=self.pid, exchange=self.exchange.id):
+            return state, self.exchange.fetch_snapshot(self.config, state)
+
     def recover(self) -> list[OrderOutcome]:
         """Settle every order a previous run left open (crash, timeout), from what the exchange knows."""
         out: list[OrderOutcome] = []
@@ -921,10 +948,12 @@ class Executor:
             est_price=intent.est_price,
         )
         found = self.exchange.fetch_order(intent.market, intent.key)
-        if found is None and record.status in (OrderStatus.SENT, OrderStatus.UNKNOWN):
+        # the ledger's mark of the order leaving (`begin_send`), which the audit row's SENT may not show yet
+        left_at = self.ledger.sent_at(self.pid, intent.key) if found is None else None
+        if found is None and (left_at is not None or record.status in (OrderStatus.SENT, OrderStatus.UNKNOWN)):
             # A request may still be on its way to the exchange: its absence is final only once the receive
             # window passed since it was last sent (an intent or a lock alone never left this machine: no wait).
-            last_sent = max(intent.created_at, record.updated_at)
+            last_sent = max(intent.created_at, record.updated_at, left_at or intent.created_at)
             age = (self.clock() - last_sent).total_seconds()
             if age < self.settle_window:
                 self.sleep(self.settle_window - age)

@@ -220,6 +220,20 @@ def test_processes_migrating_at_once_apply_each_migration_exactly_once(be: Backe
 # --- orders ------------------------------------------------------------------------------------------
 
 
+def test_a_group_of_intents_is_written_in_one_step_each_answered(store: AuditStore, unique_id: str) -> None:
+    """The executor writes a group's intents at once before the first order leaves: each answer says whether
+    that key was new, a known key is left as it was, and a key given twice counts once."""
+    known = make_intent(f"{unique_id}-known")
+    assert store.record_intent(known) is True
+    group = [make_intent(f"{unique_id}-{i}") for i in range(3)]
+    batch = [group[0], replace(known, amount=Decimal("9")), group[1], group[2], group[1]]
+    assert store.record_intents(batch) == [True, False, True, True, False]
+    for intent in [*group, known]:
+        record = store.order(intent.key)
+        assert record is not None and record.intent == intent and record.status is OrderStatus.INTENT
+    assert store.record_intents([]) == []
+
+
 def test_an_intent_recorded_twice_is_stored_once_unchanged(store: AuditStore, unique_id: str) -> None:
     first = make_intent(unique_id)
     assert store.record_intent(first) is True

@@ -298,6 +298,42 @@ def test_arithmetic_matches_exact_decimal(
         assert ledger.available(pid, "X") == (expected - want if affordable else expected)
 
 
+# --- the send mark -----------------------------------------------------------------------------------
+
+
+def test_begin_send_marks_the_order_leaving_and_commit_or_release_clears_it(opener: Opener, pid: str) -> None:
+    """The mark is what a successor's recovery reads before it calls an order the exchange does not know
+    absent: written in the same step as the checks, seen by every instance, gone once the order is settled."""
+    ledger, other = opener(), opener()
+    ledger.sync_balances(pid, {"USDC": D("10")})
+    at = datetime(2026, 12, 3, 7, 30, 15, 250000, tzinfo=UTC)
+    for key in ("a", "b"):
+        assert ledger.lock(pid, key, "USDC", D("1"), ttl_seconds=TTL)
+        assert other.sent_at(pid, key) is None  # locked only: it never left
+        assert ledger.begin_send(pid, key, fence=None, at=at) == ("ok", "")
+        assert other.sent_at(pid, key) == at
+    ledger.commit(pid, "a", debit={"USDC": D("1")}, credit={"BTC": D("1")})
+    ledger.release(pid, "b")
+    assert (other.sent_at(pid, "a"), other.sent_at(pid, "b")) == (None, None)
+
+
+def test_a_refused_begin_send_leaves_no_mark(ledger: ShadowLedger, pid: str) -> None:
+    ledger.sync_balances(pid, {"USDC": D("10")})
+    assert ledger.begin_send(pid, "never-locked", fence=None) == ("unlocked", "")
+    assert ledger.lock(pid, "held", "USDC", D("1"), ttl_seconds=TTL)
+    ledger.halt(pid, "operator", "test")
+    assert ledger.begin_send(pid, "held", fence=None)[0] == "halted"
+    ledger.resume(pid)
+    ledger.advance_fence(pid, 3)
+    with pytest.raises(LeaseLostError):
+        ledger.begin_send(pid, "held", fence=2)
+    assert (ledger.sent_at(pid, "never-locked"), ledger.sent_at(pid, "held")) == (None, None)
+    before = datetime.now(UTC)
+    assert ledger.begin_send(pid, "held", fence=3) == ("ok", "")  # no time given: the store's now
+    mark = ledger.sent_at(pid, "held")
+    assert mark is not None and before - timedelta(seconds=2) <= mark <= datetime.now(UTC) + timedelta(seconds=2)
+
+
 # --- fencing ---------------------------------------------------------------------------------------
 
 

@@ -59,19 +59,6 @@ def test_a_failed_background_write_is_raised_at_the_next_call(tmp_path: Path) ->
     audit.close()
 
 
-def test_update_now_is_durable_before_it_returns(tmp_path: Path) -> None:
-    store = SqliteAuditStore(tmp_path / "c.sqlite3")
-    store.migrate()
-    audit = WriteBehindAudit(store)
-    key = new_key()
-    audit.record_intent(_intent(key))
-    audit.update_order_now(key, OrderStatus.SENT, at=datetime.now(UTC))
-    other = SqliteAuditStore(tmp_path / "c.sqlite3")  # another process's view
-    assert other.order(key).status is OrderStatus.SENT  # type: ignore[union-attr]
-    other.close()
-    audit.close()
-
-
 def test_one_portfolios_failed_write_is_raised_in_that_portfolio_only(tmp_path: Path) -> None:
     """A daemon shares one queue between its portfolios: A's refused write must not fail B's cycle."""
     store = SqliteAuditStore(tmp_path / "d.sqlite3")

@@ -170,6 +170,11 @@ class AuditStore(Protocol):
         """Write-ahead: False (and no change) when the key is already known, so a retry never doubles."""
         ...
 
+    def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:
+        """`record_intent` of each, in one transaction (one round trip for a group of orders that leave
+        together): all are written or none, and each answer says whether that key was new."""
+        ...
+
     def update_order(
         self,
         key: str,

@@ -438,16 +438,16 @@ class PostgresAuditStore:
     # --- orders and fills -------------------------------------------------------------------------
 
     def record_intent(self, intent: OrderIntent) -> bool:
-        if not isinstance(intent, OrderIntent):
-            raise InputError(f"record_intent needs an OrderIntent, got {type(intent).__name__}")
-        key = parse_order_key(intent.key)
-        created = to_utc(intent.created_at, "created_at")
-        self._before_write()
-        with self._conn() as conn:
-            changed = conn.execute(
-                "INSERT INTO orders (key, key_time, portfolio_id, plan_id, market, side, amount, est_price, "
-                "created_at, status, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
+        return self.record_intents([intent])[0]
+
+    def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:
+        rows = []
+        for intent in intents:
+            if not isinstance(intent, OrderIntent):
+                raise InputError(f"record_intent needs an OrderIntent, got {type(intent).__name__}")
+            key = parse_order_key(intent.key)
+            created = to_utc(intent.created_at, "created_at")
+            rows.append(
                 (
                     key,
                     key_time(key),
@@ -460,9 +460,27 @@ class PostgresAuditStore:
                     created,
                     OrderStatus.INTENT.value,
                     created,
-                ),
-            ).rowcount
-        return changed == 1
+                )
+            )
+        if not rows:
+            return []
+        self._before_write()
+        values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(rows))
+        with self._conn() as conn:
+            new = {
+                str(r[0])
+                for r in conn.execute(
+                    "INSERT INTO orders (key, key_time, portfolio_id, plan_id, market, side, amount, est_price, "
+                    f"created_at, status, updated_at) VALUES {values} ON CONFLICT DO NOTHING RETURNING key",
+                    [v for row in rows for v in row],
+                ).fetchall()
+            }
+        answers, seen = [], set()
+        for row in rows:  # a key given twice in one batch is new only the first time
+            key_text = str(row[0])
+            answers.append(key_text in new and key_text not in seen)
+            seen.add(key_text)
+        return answers
 
     def update_order(
         self,

@@ -234,26 +234,37 @@ class SqliteAuditStore:
     # --- orders and fills -------------------------------------------------------------------------
 
     def record_intent(self, intent: OrderIntent) -> bool:
-        if not isinstance(intent, OrderIntent):
-            raise InputError(f"record_intent needs an OrderIntent, got {type(intent).__name__}")
-        at = _ts(intent.created_at, "created_at")
-        changed = self._exec(
-            f"INSERT INTO orders ({_ORDER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?) "
-            "ON CONFLICT (key) DO NOTHING",
-            (
-                intent.key,
-                intent.portfolio_id,
-                intent.plan_id,
-                intent.market,
-                intent.side,
-                str(intent.amount),
-                str(intent.est_price),
-                at,
-                OrderStatus.INTENT.value,
-                at,
-            ),
-        )
-        return changed == 1
+        return self.record_intents([intent])[0]
+
+    def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:
+        rows = []
+        for intent in intents:
+            if not isinstance(intent, OrderIntent):
+                raise InputError(f"record_intent needs an OrderIntent, got {type(intent).__name__}")
+            at = _ts(intent.created_at, "created_at")
+            rows.append(
+                (
+                    intent.key,
+                    intent.portfolio_id,
+                    intent.plan_id,
+                    intent.market,
+                    intent.side,
+                    str(intent.amount),
+                    str(intent.est_price),
+                    at,
+                    OrderStatus.INTENT.value,
+                    at,
+                )
+            )
+
+        def run(conn: sqlite3.Connection) -> list[bool]:
+            sql = (
+                f"INSERT INTO orders ({_ORDER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, ?) "
+                "ON CONFLICT (key) DO NOTHING"
+            )
+            return [conn.execute(sql, row).rowcount == 1 for row in rows]
+
+        return self._tx(run, write=True) if rows else []
 
     def update_order(
         self,

@@ -108,20 +108,6 @@ class WriteBehindAudit:
         self._defer(self.store.update_order, key, status, at=at, exchange_order_id=exchange_order_id, reason=reason)
         return True
 
-    def update_order_now(
-        self,
-        key: str,
-        status: OrderStatus,
-        *,
-        at: datetime,
-        exchange_order_id: str | None = None,
-        reason: str | None = None,
-    ) -> bool:
-        """Straight to the store, past the queue: for a write that must be durable now (an order about to leave)
-        when nothing earlier for the same key can still be queued."""
-        self._raise_pending()
-        return self.store.update_order(key, status, at=at, exchange_order_id=exchange_order_id, reason=reason)
-
     def record_fill(self, fill: Fill) -> bool:
         self._defer(self.store.record_fill, fill)
         return True
@@ -136,6 +122,10 @@ class WriteBehindAudit:
         # queued concerns other keys (or the plan row, which nothing references)
         self._raise_pending()
         return self.store.record_intent(intent)
+
+    def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:
+        self._raise_pending()
+        return self.store.record_intents(intents)
 
     def order(self, key: str) -> OrderRecord | None:
         self.flush()

@@ -538,6 +538,7 @@ class CcxtExchange:
         started = time.monotonic()
         taken_at = datetime.now(UTC)
         if feed is None:
+            # one after the other, not side by side: a 429 on the first must be heard before the second is sent
             free, locked = self.fetch_balances()
             tops = self._tops(symbols)
             spread = 0.0

@@ -95,10 +95,21 @@ class ShadowLedger(Protocol):
 
     def is_committed(self, portfolio_id: str, key: str) -> bool: ...
 
-    def begin_send(self, portfolio_id: str, key: str, *, fence: int | None) -> tuple[SendCheck, str]:
+    def begin_send(
+        self, portfolio_id: str, key: str, *, fence: int | None, at: datetime | None = None
+    ) -> tuple[SendCheck, str]:
         """The last step before an order leaves, atomic: the sender's token is still the newest (else
         LeaseLostError), the kill switch is off (`halted`, with its reason) and the order's lock is still live
-        (`unlocked`: recovery by a successor took it back). Only `ok` lets the request go."""
+        (`unlocked`: recovery by a successor took it back). Only `ok` lets the request go, and `ok` also
+        records, in the same step, that the order is leaving at `at` (the sender's clock, default now; what
+        `sent_at` returns): a successor that takes the lease after
+        this check finds the mark and waits out the exchange's window before calling the order absent. One
+        durable write for both, where a separate "sent" write to the audit store would cost a round trip more
+        per order."""
+        ...
+
+    def sent_at(self, portfolio_id: str, key: str) -> datetime | None:
+        """When `begin_send` let `key` go (None: it never did, or its lock was committed or released since)."""
         ...
 
     def epoch(self, portfolio_id: str, fresh: str) -> tuple[str, bool]:

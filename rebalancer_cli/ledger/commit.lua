@@ -1,5 +1,5 @@
 -- Apply a fill and drop its lock, once per key.
--- KEYS: hold, locks, done, fence. ARGV: fence token ('' = none), key, number of debits n,
+-- KEYS: hold, locks, done, fence, sent (the order's mark of having left, dropped with its lock). ARGV: fence token ('' = none), key, number of debits n,
 -- then n pairs (asset, amount) debited, then pairs (asset, amount) credited.
 -- Returns {status, detail}: fenced (detail: highest token), duplicate, committed.
 local highest = fence_check(KEYS[4], ARGV[1])
@@ -26,5 +26,6 @@ for _, asset in ipairs(order) do
   redis.call('HSET', KEYS[1], asset, new[asset])
 end
 redis.call('HDEL', KEYS[2], key)
+redis.call('HDEL', KEYS[5], key)
 redis.call('ZADD', KEYS[3], now_ms(), key)
 return {'committed', ''}

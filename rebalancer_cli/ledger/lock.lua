@@ -1,5 +1,5 @@
 -- Lock funds for one order, atomically with the check that they are available.
--- KEYS: hold, locks, done, fence. ARGV: fence token ('' = none), key, asset, amount, ttl in ms.
+-- KEYS: hold, locks, done, fence (and sent, unused here). ARGV: fence token ('' = none), key, asset, amount, ttl in ms.
 -- Returns {status, detail}: fenced (detail: highest token), committed, held, refused (detail: available),
 -- granted.
 local highest = fence_check(KEYS[4], ARGV[1])

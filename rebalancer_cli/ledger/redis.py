@@ -117,7 +117,8 @@ class RedisLedger:
 
     def key_names(self, portfolio_id: str) -> list[str]:
         """Every key this ledger may write for a portfolio (for cleanup and for operators' inspection)."""
-        return [self._key(portfolio_id, n) for n in ("hold", "locks", "done", "fence", "halt", "memory", "epoch")]
+        names = ("hold", "locks", "done", "fence", "halt", "memory", "epoch", "sent")
+        return [self._key(portfolio_id, n) for n in names]
 
     def _run(self, portfolio_id: str, script: str, keys: list[str], args: list[str]) -> list[str]:
         with self._guard():
@@ -156,7 +157,7 @@ class RedisLedger:
     # --- locks ------------------------------------------------------------------------------------
 
     def _lock_keys(self, portfolio_id: str) -> list[str]:
-        return [self._key(portfolio_id, n) for n in ("hold", "locks", "done", "fence")]
+        return [self._key(portfolio_id, n) for n in ("hold", "locks", "done", "fence", "sent")]
 
     def lock(
         self,
@@ -199,7 +200,7 @@ class RedisLedger:
 
     def release(self, portfolio_id: str, key: str, *, fence: int | None = None) -> None:
         check_name(key, "key")
-        keys = [self._key(portfolio_id, "locks"), self._key(portfolio_id, "fence")]
+        keys = [self._key(portfolio_id, n) for n in ("locks", "fence", "sent")]
         self._run(portfolio_id, "release", keys, [_fence_arg(fence), key])
 
     def locks(self, portfolio_id: str) -> list[Lock]:
@@ -219,13 +220,22 @@ class RedisLedger:
 
     # --- leases, kill switch, planner memory ------------------------------------------------------
 
-    def begin_send(self, portfolio_id: str, key: str, *, fence: int | None) -> tuple[SendCheck, str]:
+    def begin_send(
+        self, portfolio_id: str, key: str, *, fence: int | None, at: datetime | None = None
+    ) -> tuple[SendCheck, str]:
         check_name(key, "key")
-        keys = [self._key(portfolio_id, n) for n in ("fence", "halt", "locks")]
-        status, detail = self._run(portfolio_id, "begin_send", keys, [_fence_arg(fence), key])
+        keys = [self._key(portfolio_id, n) for n in ("fence", "halt", "locks", "sent")]
+        stamp = "" if at is None else str(math.floor(at.timestamp() * 1000))
+        status, detail = self._run(portfolio_id, "begin_send", keys, [_fence_arg(fence), key, stamp])
         if status not in ("ok", "halted", "unlocked"):
             raise StoreError(f"Redis ledger answered {status!r} to begin_send")
         return cast(SendCheck, status), detail
+
+    def sent_at(self, portfolio_id: str, key: str) -> datetime | None:
+        check_name(key, "key")
+        name = self._key(portfolio_id, "sent")
+        raw = self._call(lambda: self._client.hget(name, key))
+        return None if raw is None else datetime.fromtimestamp(int(str(raw)) / 1000, UTC)
 
     def epoch(self, portfolio_id: str, fresh: str) -> tuple[str, bool]:
         check_name(fresh, "epoch")

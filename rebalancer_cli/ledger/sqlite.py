@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS halts (
     portfolio_id TEXT PRIMARY KEY, reason TEXT NOT NULL, halted_by TEXT NOT NULL, at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS memory (portfolio_id TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS epochs (portfolio_id TEXT PRIMARY KEY, epoch TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sends (
+    portfolio_id TEXT NOT NULL, key TEXT NOT NULL, sent_at REAL NOT NULL, PRIMARY KEY (portfolio_id, key));
 """
 
 # How long a writer waits for another process's write lock before reporting the store as failed.
@@ -251,6 +253,7 @@ class SQLiteLedger:
                     (portfolio_id, asset, amount_text(new)),
                 )
             conn.execute("DELETE FROM locks WHERE portfolio_id = ? AND key = ?", (portfolio_id, key))
+            conn.execute("DELETE FROM sends WHERE portfolio_id = ? AND key = ?", (portfolio_id, key))
             conn.execute(
                 "INSERT INTO committed (portfolio_id, key, at) VALUES (?, ?, ?)",
                 (portfolio_id, key, time.time()),
@@ -266,6 +269,7 @@ class SQLiteLedger:
         def run(conn: sqlite3.Connection) -> None:
             self._check_fence(conn, portfolio_id, fence)
             conn.execute("DELETE FROM locks WHERE portfolio_id = ? AND key = ?", (portfolio_id, key))
+            conn.execute("DELETE FROM sends WHERE portfolio_id = ? AND key = ?", (portfolio_id, key))
 
         self._tx(run, write=True)
 
@@ -295,7 +299,9 @@ class SQLiteLedger:
 
     # --- leases, kill switch, planner memory ------------------------------------------------------
 
-    def begin_send(self, portfolio_id: str, key: str, *, fence: int | None) -> tuple[SendCheck, str]:
+    def begin_send(
+        self, portfolio_id: str, key: str, *, fence: int | None, at: datetime | None = None
+    ) -> tuple[SendCheck, str]:
         check_portfolio(portfolio_id)
         check_name(key, "key")
 
@@ -304,13 +310,32 @@ class SQLiteLedger:
             halt = conn.execute("SELECT reason FROM halts WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
             if halt is not None:
                 return "halted", str(halt[0])
+            now = time.time()
             live = conn.execute(
                 "SELECT 1 FROM locks WHERE portfolio_id = ? AND key = ? AND expires_at > ?",
-                (portfolio_id, key, time.time()),
+                (portfolio_id, key, now),
             ).fetchone()
-            return ("ok", "") if live else ("unlocked", "")
+            if not live:
+                return "unlocked", ""
+            conn.execute(
+                "INSERT INTO sends (portfolio_id, key, sent_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (portfolio_id, key) DO UPDATE SET sent_at = excluded.sent_at",
+                (portfolio_id, key, now if at is None else at.timestamp()),
+            )
+            return "ok", ""
 
         return self._tx(run, write=True)
+
+    def sent_at(self, portfolio_id: str, key: str) -> datetime | None:
+        check_portfolio(portfolio_id)
+        check_name(key, "key")
+        row = self._tx(
+            lambda conn: conn.execute(
+                "SELECT sent_at FROM sends WHERE portfolio_id = ? AND key = ?", (portfolio_id, key)
+            ).fetchone(),
+            write=False,
+        )
+        return None if row is None else datetime.fromtimestamp(float(row[0]), UTC)
 
     def epoch(self, portfolio_id: str, fresh: str) -> tuple[str, bool]:
         check_portfolio(portfolio_id)
