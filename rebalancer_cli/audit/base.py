@@ -138,6 +138,14 @@ class ExecutionRecord:
 # --- the contract -------------------------------------------------------------------------------
 
 
+def checked_intents(intents: Sequence[OrderIntent]) -> Sequence[OrderIntent]:
+    """`intents`, once each is known to be an OrderIntent (a store writes nothing of a batch with a stranger)."""
+    for intent in intents:
+        if not isinstance(intent, OrderIntent):
+            raise InputError(f"record_intent needs an OrderIntent, got {type(intent).__name__}")
+    return intents
+
+
 @runtime_checkable
 class AuditStore(Protocol):
     """Durable record of plans, orders, fills, fees and events; the trail an operator audits."""

@@ -48,6 +48,7 @@ from rebalancer_cli.audit.base import (
     check_status,
     check_text,
     check_version,
+    checked_intents,
     dump_json,
     key_time,
     load_json,
@@ -442,9 +443,7 @@ class PostgresAuditStore:
 
     def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:
         rows = []
-        for intent in intents:
-            if not isinstance(intent, OrderIntent):
-                raise InputError(f"record_intent needs an OrderIntent, got {type(intent).__name__}")
+        for intent in checked_intents(intents):
             key = parse_order_key(intent.key)
             created = to_utc(intent.created_at, "created_at")
             rows.append(

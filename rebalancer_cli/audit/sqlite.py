@@ -34,6 +34,7 @@ from rebalancer_cli.audit.base import (
     check_status,
     check_text,
     check_version,
+    checked_intents,
     dump_json,
     exact_mul,
     exact_sum,
@@ -238,9 +239,7 @@ class SqliteAuditStore:
 
     def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:
         rows = []
-        for intent in intents:
-            if not isinstance(intent, OrderIntent):
-                raise InputError(f"record_intent needs an OrderIntent, got {type(intent).__name__}")
+        for intent in checked_intents(intents):
             at = _ts(intent.created_at, "created_at")
             rows.append(
                 (
