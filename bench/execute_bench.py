@@ -2,10 +2,13 @@
 emulator, with the Redis shadow ledger and the PostgreSQL audit store: median and p99 over N cycles, next to
 the bare ccxt calls the same cycle makes (no planning, no ledger, no audit), measured in the same run.
 
+The emulator runs in a process of its own, as an exchange does: in this process it would take the GIL from
+the very requests it answers, which counts against whatever sends requests side by side.
+
     python bench/execute_bench.py [--cycles 200] [--redis redis://127.0.0.1:6379/0]
                                   [--database postgresql://postgres@127.0.0.1:5432/test]
 
-Goal (issue 4): p99 <= 42 ms and overhead <= 1.5x the bare calls.
+Goals: p99 <= 42 ms, and the overhead ratio (full cycle / bare calls) <= 1.5x at the median and at p99.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,11 +29,13 @@ import yaml
 from rebalancer_cli.config import load_config
 from rebalancer_cli.executor import Executor
 from rebalancer_cli.runtime import open_audit_for, open_exchange, open_ledger_for
-from rebalancer_cli.testing.emulator import DEFAULT_API_KEY, DEFAULT_SECRET, binance_client, start_emulator
+from rebalancer_cli.testing.emulator import DEFAULT_API_KEY, DEFAULT_SECRET, RemoteEmulator, binance_client
 
 D = Decimal
 GOAL_P99_MS = 42.0
 GOAL_RATIO = 1.5
+# any free port; no request budget: measure the code path, not the token bucket
+EMULATOR_ARGS = ("--port", "0", "--weight-limit", str(10**9))
 
 
 def write_files(root: Path, redis_url: str, database_url: str, emulator_url: str | None = None) -> tuple[Path, Path]:
@@ -94,7 +100,13 @@ def main() -> int:
     os.environ["BENCH_KEY"], os.environ["BENCH_SECRET"] = DEFAULT_API_KEY, DEFAULT_SECRET
     root = Path(tempfile.mkdtemp(prefix="rb-exec-bench-"))
     _, snap = write_files(root, args.redis, args.database)
-    emulator = start_emulator(snap, weight_limit=10**9)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rebalancer_cli.testing.emulator", "--snapshot", str(snap), *EMULATOR_ARGS],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    emulator = RemoteEmulator(server.stdout.readline().strip())
     cfg_path, _ = write_files(root, args.redis, args.database, emulator.base_url)
     from rebalancer_cli.runtime import migrate
 
@@ -134,7 +146,8 @@ def main() -> int:
         exchange.close()
         ledger.close()
         audit.close()
-        emulator.stop()
+        server.terminate()
+        server.wait(timeout=10)
     print(
         f"plan + execute, 10 assets, {statistics.mean(trades):.1f} trades/cycle, {len(full_ms)} cycles "
         "(ccxt -> loopback emulator, Redis ledger, PostgreSQL audit)"
@@ -146,10 +159,10 @@ def main() -> int:
     ratio_p99 = p99(full_ms) / p99(bare_ms)
     print(f"overhead ratio: median {ratio_med:.2f}x, p99 {ratio_p99:.2f}x")
     ok_p99 = p99(full_ms) <= GOAL_P99_MS
-    ok_ratio = ratio_med <= GOAL_RATIO
     print(
         f"goal p99 <= {GOAL_P99_MS} ms: {'met' if ok_p99 else 'NOT met'}; "
-        f"goal overhead <= {GOAL_RATIO}x (median): {'met' if ok_ratio else 'NOT met'}"
+        f"goal overhead <= {GOAL_RATIO}x: median {'met' if ratio_med <= GOAL_RATIO else 'NOT met'}, "
+        f"p99 {'met' if ratio_p99 <= GOAL_RATIO else 'NOT met'}"
     )
     return 0
 

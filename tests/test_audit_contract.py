@@ -793,3 +793,24 @@ def test_a_role_without_ddl_rights_still_records_and_lets_rows_wait_in_default(
         with psycopg.connect(database_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
             conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.mark.services
+def test_only_the_write_behind_commits_without_waiting_for_the_disk(
+    database_url: str, pg_schema: str, unique_id: str
+) -> None:
+    """Intents are committed durably (synchronous_commit on); the write-behind's writes, which recovery can
+    derive again from the exchange, on their own connection with it off."""
+
+    with PostgresAuditStore(database_url, schema=pg_schema) as store:
+        order = make_intent(unique_id)
+        store.record_intent(order)
+        with store._conn() as conn:
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        with store.deferred():
+            store.record_fill(make_fill(order.key))
+            with store._conn() as conn:
+                assert conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        with store._conn() as conn:  # out of the scope: the durable connections again
+            assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        assert store.order(order.key).filled == make_fill(order.key).amount  # type: ignore[union-attr]

@@ -13,6 +13,7 @@ import json
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -176,6 +177,11 @@ class AuditStore(Protocol):
 
     def record_intent(self, intent: OrderIntent) -> bool:
         """Write-ahead: False (and no change) when the key is already known, so a retry never doubles."""
+        ...
+
+    def deferred(self) -> AbstractContextManager[None]:
+        """A scope for the write-behind's writes (never an intent): a store may commit them without waiting
+        for the disk, as they can be derived again from the exchange (PostgreSQL: `synchronous_commit` off)."""
         ...
 
     def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:

@@ -249,6 +249,11 @@ class PostgresAuditStore:
         except PoolTimeout:
             self._pool.close(timeout=1)
             raise StoreError(f"audit store {self._where} unreachable: no connection within the timeout") from None
+        # the write-behind's own connection, opened on its first deferred write (see `deferred`)
+        self._url, self._kwargs, self._connect_timeout = url, kwargs, connect_timeout
+        self._deferred_pool: ConnectionPool[psycopg.Connection[TupleRow]] | None = None
+        self._deferred_lock = threading.Lock()
+        self._local = threading.local()
 
     def __enter__(self) -> PostgresAuditStore:
         return self
@@ -281,9 +286,49 @@ class PostgresAuditStore:
         return StoreError(f"audit store {self._where} {what}: {_one_line(str(exc), self._secret)}")
 
     @contextmanager
-    def _conn(self, deadline: float | None = None) -> Iterator[psycopg.Connection[TupleRow]]:
+    def deferred(self) -> Iterator[None]:
+        """This thread's writes inside are committed without waiting for the WAL to reach the disk
+        (`synchronous_commit = off`, on a connection of their own, so no write-ahead intent ever shares it).
+
+        For the write-behind's queue only: its writes (status changes, fills, events, plan rows) were held in
+        memory before they reached the store, and everything in them is derived again from the exchange by the
+        order's key. A server crash can lose the last few hundred milliseconds of them (3 x wal_writer_delay,
+        PostgreSQL's documented bound), never corrupt anything, and never an intent: those are written straight
+        through, durably. What it saves is an fsync wait per write, which on a shared disk is most of its time.
+        """
+        self._local.deferred = True
         try:
-            with self._pool.connection() as conn:
+            yield
+        finally:
+            self._local.deferred = False
+
+    def _deferred_connections(self) -> ConnectionPool[psycopg.Connection[TupleRow]]:
+        with self._deferred_lock:
+            if self._deferred_pool is None:
+
+                def configure(conn: psycopg.Connection[TupleRow]) -> None:
+                    self._configure(conn)
+                    conn.execute("SET synchronous_commit TO off")
+
+                pool: ConnectionPool[psycopg.Connection[TupleRow]] = ConnectionPool(
+                    self._url,
+                    min_size=1,
+                    max_size=1,
+                    kwargs=self._kwargs,
+                    configure=configure,
+                    timeout=self._connect_timeout + 5,
+                    name="rebalance-audit-deferred",
+                    open=False,
+                )
+                pool.open(wait=False)
+                self._deferred_pool = pool
+            return self._deferred_pool
+
+    @contextmanager
+    def _conn(self, deadline: float | None = None) -> Iterator[psycopg.Connection[TupleRow]]:
+        pool = self._deferred_connections() if getattr(self._local, "deferred", False) else self._pool
+        try:
+            with pool.connection() as conn:
                 token = self._watchdog.watch(conn, deadline or self._deadline)
                 try:
                     yield conn
@@ -662,3 +707,5 @@ class PostgresAuditStore:
     def close(self) -> None:
         self._watchdog.close()
         self._pool.close(timeout=5)
+        if self._deferred_pool is not None:
+            self._deferred_pool.close(timeout=5)

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -499,6 +499,10 @@ class SqliteAuditStore:
     def ping(self) -> None:
         with self._guard():
             self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+
+    def deferred(self) -> AbstractContextManager[None]:
+        """One connection, `synchronous=FULL` for all (see the module's docstring): nothing to relax here."""
+        return nullcontext()
 
     def close(self) -> None:
         with self._mutex:

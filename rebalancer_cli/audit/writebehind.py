@@ -18,6 +18,7 @@ import copy
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -56,7 +57,8 @@ class WriteBehindAudit:
                     failed = scope in self._errors
                 if not failed:
                     try:
-                        fn(*args, **kwargs)
+                        with self.store.deferred():
+                            fn(*args, **kwargs)
                     except BaseException as exc:  # surfaced to the scope's caller at its next call
                         with self._errors_lock:
                             self._errors[scope] = exc
@@ -160,6 +162,9 @@ class WriteBehindAudit:
     def migrate(self) -> list[str]:
         self.flush()
         return self.store.migrate()
+
+    def deferred(self) -> AbstractContextManager[None]:
+        return self.store.deferred()
 
     def check(self) -> None:
         self.store.check()

@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -70,6 +70,7 @@ from .retry import RetryPolicy, call_with_retry
 T = TypeVar("T")
 ZERO = Decimal(0)
 _WIDE = decimal.Context(prec=80, Emax=999, Emin=-999)
+_ONE = Decimal(1)
 MARKETS_TTL = 3600.0
 VOLATILITY_TTL = 6 * 3600.0
 FEES_TTL = 6 * 3600.0
@@ -101,7 +102,7 @@ def to_decimal(value: Any, what: str = "value") -> Decimal | None:
     ExchangeError naming `what`."""
     if value is None or value == "":
         return None
-    text = str(value)
+    text = value if type(value) is str else str(value)
     if len(text) > 200:
         raise ExchangeError(f"exchange sent a {what} that is not a usable number: {text[:40]!r}...")
     try:
@@ -112,16 +113,21 @@ def to_decimal(value: Any, what: str = "value") -> Decimal | None:
         raise ExchangeError(f"exchange sent a non-finite {what}: {text[:40]!r}")
     if d and not MIN_MAGNITUDE <= d.adjusted() < MAX_MAGNITUDE:
         raise ExchangeError(f"exchange sent a {what} out of range: {text[:40]!r}")
-    if len(d.as_tuple().digits) > MAX_DIGITS and len(d.normalize(_WIDE).as_tuple().digits) > MAX_DIGITS:
+    # a text of at most MAX_DIGITS characters cannot hold more digits (a book's thousands of numbers are)
+    if (
+        len(text) > MAX_DIGITS
+        and len(d.as_tuple().digits) > MAX_DIGITS
+        and len(d.normalize(_WIDE).as_tuple().digits) > MAX_DIGITS
+    ):
         raise ExchangeError(f"exchange sent a {what} with more than {MAX_DIGITS} digits: {text[:40]!r}")
     return canonical(d)
 
 
 def canonical(d: Decimal) -> Decimal:
     """The same value without trailing zeros, and never in exponent form (1E+2 reads as a typo)."""
-    with localcontext(_WIDE):
-        n = d.normalize()
-        return n.quantize(Decimal(1)) if n.as_tuple().exponent > 0 else n  # type: ignore[operator]
+    n = d.normalize(_WIDE)
+    # an exponent above 0 only where the value is a whole number that ended in zeros
+    return n.quantize(_ONE, context=_WIDE) if n.adjusted() > 0 and n.as_tuple().exponent > 0 else n  # type: ignore[operator]
 
 
 def step_from_precision(value: Any, precision_mode: int, what: str) -> Decimal | None:
@@ -623,10 +629,11 @@ class CcxtExchange:
     def _book(self, symbol: str) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
         raw = self.call("fetch_order_book", lambda: self.client.fetch_order_book(symbol, self._book_limit))
         sides = []
+        price_what, amount_what = f"{symbol} price", f"{symbol} amount"
         for side in ("bids", "asks"):
             levels = []
             for entry in raw.get(side) or []:
-                price, amount = _required(entry[0], f"{symbol} price"), _required(entry[1], f"{symbol} amount")
+                price, amount = _required(entry[0], price_what), _required(entry[1], amount_what)
                 if price > 0 and amount > 0:
                     levels.append((price, amount))
             sides.append(tuple(levels))
