@@ -496,6 +496,8 @@ class KrakenDialect(Dialect):
     def _asset_pairs(self, req: Request) -> Any:
         out: dict[str, Any] = {}
         for m in self._pairs(req.params):
+            # a JSON number, as Kraken writes its fee schedule ([volume, percent]): its shortest repr (0.26)
+            # is what the client parses, the same digits as the Decimal fee
             percent = float(m.taker_fee * 100)
             out[m.id] = {
                 "altname": pair_altname(m),
