@@ -75,6 +75,8 @@ class AssetRisk:
     weight_variance: float
     deviation_variance: float
     source: str
+    # Cov(r_i, r_j) with every traded asset j, i included: what a joint region weighs deviations by
+    covariances: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +143,15 @@ def _risk(
     sw = [sum(sigma[i][j] * w[j] for j in range(len(w))) for i in range(len(w))]
     wsw = sum(w[i] * sw[i] for i in range(len(w)))
     out = tuple(
-        (s, AssetRisk(w[i] ** 2 * max(0.0, sigma[i][i] - 2 * sw[i] + wsw), sigma[i][i], cov.source))
+        (
+            s,
+            AssetRisk(
+                w[i] ** 2 * max(0.0, sigma[i][i] - 2 * sw[i] + wsw),
+                sigma[i][i],
+                cov.source,
+                tuple(zip(names, sigma[i], strict=True)),
+            ),
+        )
         for i, s in enumerate(names)
     )
     return out, cov.source
@@ -205,6 +215,8 @@ class NoTradeRegion:
     risk_aversion: Decimal
     check_seconds: Decimal
     cost_model: CostModel = field(default_factory=CostModel)
+    # weigh each asset's deviation with the others' through the covariance (`joint_remaining`)
+    joint: bool = False
 
     def threshold(self, asset: AssetContext) -> Decimal:
         return self.figures(asset).half_width
@@ -750,13 +762,83 @@ def _views(config: Config, snapshot: Snapshot) -> tuple[list[_View], Decimal]:
     return views, total
 
 
-def _screen(v: _View, policy: Policy, memory: AssetMemory, now: datetime, risk: Mapping[str, AssetRisk]) -> str | None:
+# coordinate descent of the joint region: sweeps at most, and the change in weight that ends it
+_JOINT_SWEEPS = 500
+_JOINT_TOLERANCE = 1e-13
+
+
+def joint_remaining(views: list[_View], rule: NoTradeRegion, risk: Mapping[str, AssetRisk]) -> dict[str, Decimal]:
+    """Each asset's drift left after the joint region's correction (equal to its drift: it holds).
+
+    The per-asset region of asset i is the minimizer, in one dimension, of (1/2) sigma_i^2 y^2 + lambda_i |x - y|
+    with lambda_i = sigma_i^2 delta_i (x: its deviation, y: what is left of it, delta_i: its half-width): hold
+    when |x| <= delta_i, else trade to y = delta_i sign(x). The joint region minimizes the same objective over all
+    assets at once with the full covariance, (1/2) y' Sigma y + sum_i lambda_i |x_i - y_i|, each y_i between 0
+    and x_i (a trade goes toward target, never past it): the quadratic is the tracking variance the deviations
+    leave, so a deviation that the others hedge (BTC over, ETH under, correlated) is left alone, and one that
+    adds to them is corrected sooner. Without correlation it is the per-asset region exactly. This is the
+    single-period problem of Boyd et al. 2017 (sec. 4), with the per-asset region's width standing in for the
+    horizon over which a correction pays. Inside the box |x_i - y_i| is linear, so the problem is a convex QP with
+    box constraints, solved by cyclic coordinate descent (each step the exact minimizer along one axis, clipped).
+    Floats: it places boundaries; amounts are sized from its answer in Decimal.
+    """
+    assets = [v for v in views if v.market is not None and v.symbol in risk and risk[v.symbol].covariances]
+    if not assets:
+        return {}
+    names = [v.symbol for v in assets]
+    at = {name: i for i, name in enumerate(names)}
+    x = [-float(v.drift) for v in assets]  # deviations: weight minus target
+    sigma = [[0.0] * len(names) for _ in names]
+    for i, v in enumerate(assets):
+        for other, c in risk[v.symbol].covariances:
+            j = at.get(other)
+            if j is not None:
+                sigma[i][j] = c
+    lam = []
+    for i, v in enumerate(assets):
+        width = float(rule.figures(AssetContext(v.symbol, v.target, v.drift, v.market, risk[v.symbol])).half_width)
+        lam.append(sigma[i][i] * width)
+    lo = [min(0.0, xi) for xi in x]
+    hi = [max(0.0, xi) for xi in x]
+    y = list(x)  # start from holding everything
+    for _ in range(_JOINT_SWEEPS):
+        moved = 0.0
+        for i in range(len(y)):
+            if sigma[i][i] <= 0:
+                continue
+            cross = sum(sigma[i][j] * y[j] for j in range(len(y)) if j != i)
+            sign = 1.0 if x[i] > 0 else -1.0 if x[i] < 0 else 0.0
+            new = min(hi[i], max(lo[i], (lam[i] * sign - cross) / sigma[i][i]))
+            moved = max(moved, abs(new - y[i]))
+            y[i] = new
+        if moved < _JOINT_TOLERANCE:
+            break
+    out: dict[str, Decimal] = {}
+    for i, v in enumerate(assets):
+        # a correction smaller than the width's own rounding is no correction: the asset holds
+        out[v.symbol] = v.drift if abs(x[i] - y[i]) < 1e-9 else _decimal(-y[i])
+    return out
+
+
+def _screen(
+    v: _View,
+    policy: Policy,
+    memory: AssetMemory,
+    now: datetime,
+    risk: Mapping[str, AssetRisk],
+    joint: Mapping[str, Decimal] | None = None,
+) -> str | None:
     """The cheap part of the decision; returns a hold reason, or None when the asset may trade."""
     context = AssetContext(v.symbol, v.target, v.drift, v.market, risk.get(v.symbol))
     rule = policy.threshold
     if isinstance(rule, NoTradeRegion):
         v.region = rule.figures(context)
         v.threshold = v.region.half_width
+        left = joint.get(v.symbol) if joint else None
+        if left is not None and abs(v.drift) <= v.max_deviation:
+            # the joint region's edge along this asset, given the others: where the correction stops, or (when
+            # it holds) at least its drift
+            v.threshold = max(v.threshold, abs(v.drift)) if left == v.drift else abs(left)
     else:
         v.threshold = rule.threshold(context)
     size = abs(v.drift)
@@ -796,11 +878,13 @@ def needs_book(
     when = now or snapshot.taken_at
     views, _ = _views(config, snapshot)
     # only a no-trade region reads the covariance: O(assets^2), so no other rule pays for it
-    risk = portfolio_risk(config, snapshot)[0] if isinstance(policy.threshold, NoTradeRegion) else {}
+    rule = policy.threshold
+    risk = portfolio_risk(config, snapshot)[0] if isinstance(rule, NoTradeRegion) else {}
+    joint = joint_remaining(views, rule, risk) if isinstance(rule, NoTradeRegion) and rule.joint else None
     return {
         v.market.symbol
         for v in views
-        if v.market is not None and _screen(v, policy, state.of(v.symbol), when, risk) is None
+        if v.market is not None and _screen(v, policy, state.of(v.symbol), when, risk, joint) is None
     }
 
 
@@ -822,6 +906,8 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
     """
     rule = policy.threshold
     region = isinstance(rule, NoTradeRegion)
+    if isinstance(rule, NoTradeRegion) and rule.joint:
+        return False  # a joint region weighs every asset with the others: the exact path
     if not region and not isinstance(rule, VolatilityScaledThreshold | FixedThreshold):
         return False  # a rule this screen does not know: the exact path
     quote = config.quote_symbol
@@ -946,6 +1032,8 @@ def plan(
     risk, risk_source = portfolio_risk(config, snapshot) if region else ({}, "")
     if region and not risk_source:
         notes.append("no covariance or volatility: no-trade regions sized on target weights alone")
+    rule = policy.threshold
+    joint = joint_remaining(views, rule, risk) if isinstance(rule, NoTradeRegion) and rule.joint else None
 
     for v in views:
         if v.market is None:
@@ -955,7 +1043,7 @@ def plan(
             continue
         if v.market.volatility is None and v.target and not region:
             notes.append(f"{v.symbol}: volatility unknown, counted as 0 (threshold not widened)")
-        hold = _screen(v, policy, state.of(v.symbol), when, risk)
+        hold = _screen(v, policy, state.of(v.symbol), when, risk, joint)
         if hold is not None:
             v.reason = hold
             continue

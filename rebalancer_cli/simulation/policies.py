@@ -14,6 +14,7 @@ from ..planner import (
     AssetContext,
     CostGate,
     FixedThreshold,
+    NoTradeRegion,
     Policy,
     ThresholdRule,
     ToBandEdge,
@@ -160,6 +161,15 @@ def named_policies(
             "no-trade-region-edge",
             replace(no_trade_region(config, check, name="no-trade-region-edge"), sizing=ToRegionPoint(ONE)),
             description=f"per-asset no-trade regions ({gamma}), to the region's edge (Leland 2000)",
+        ),
+        "joint-region": BacktestPolicy(
+            "joint-region",
+            replace(
+                no_trade_region(config, check, name="joint-region"),
+                threshold=NoTradeRegion(config.risk_aversion, check, joint=True),
+                sizing=ToRegionPoint(ONE),
+            ),
+            description=f"one no-trade region over all assets with their covariance ({gamma}), to its edge",
         ),
         "no-trade-region-target": BacktestPolicy(
             "no-trade-region-target",

@@ -477,9 +477,11 @@ def _screen_threshold(rule: ThresholdRule, context: AssetContext) -> Decimal:
     """The threshold the screen may assume for the rest of the day: the rule's own, except for a no-trade
     region, whose cost rate comes from each step's book: its width with the cheaper side's k cut by
     REGION_SCREEN_SLACK, which no step of the day goes below (see REGION_SCREEN_SLACK); 0 when k is too small
-    for that bound to hold, so that every step is planned."""
+    for that bound to hold, or for a joint region, so that every step is planned."""
     if not isinstance(rule, NoTradeRegion) or context.market is None:
         return rule.threshold(context)
+    if rule.joint:
+        return ZERO  # the others' deviations move a joint region's edge: every step is planned
     k = min(rule.cost_rate(context.market, "buy"), rule.cost_rate(context.market, "sell"))
     if k < REGION_SCREEN_MIN_COST:
         return ZERO
