@@ -132,6 +132,13 @@ class RebalanceTo(StrEnum):
     BAND_EDGE = "band_edge"
 
 
+class RegionShape(StrEnum):
+    """How no-trade regions weigh an asset's deviation: with the others' through the covariance, or alone."""
+
+    JOINT = "joint"
+    PER_ASSET = "per-asset"
+
+
 class PolicyName(StrEnum):
     """The rule `plan`, `execute` and the daemon apply (README, "Choosing the default policy")."""
 
@@ -265,6 +272,11 @@ class Config(BaseModel):
         Decimal(5),
         description="Relative risk aversion gamma of the certainty-equivalent loss cost + gamma/2 * TE^2: sizes "
         "the no-trade regions and is the backtest's yardstick, 0.1..100",
+    )
+    region: RegionShape = Field(
+        RegionShape.JOINT,
+        description="no-trade-region: `joint` weighs each asset's deviation with the others' through the "
+        "covariance (a hedged pair holds, an adding pair trades sooner); `per-asset` sizes each region alone",
     )
     region_point: Fraction = Field(
         Decimal("0.5"),

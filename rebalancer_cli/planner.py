@@ -13,13 +13,14 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import ROUND_DOWN, ROUND_HALF_EVEN, Decimal
 from typing import Any, Protocol
 
-from .config import AssetConfig, Config, PolicyName, RebalanceTo
+from .config import AssetConfig, Config, PolicyName, RebalanceTo, RegionShape
 from .costs import (
     DEFAULT_PRICE_BOUND,
     BookWalkSlippage,
@@ -77,6 +78,10 @@ class AssetRisk:
     source: str
     # Cov(r_i, r_j) with every traded asset j, i included: what a joint region weighs deviations by
     covariances: tuple[tuple[str, float], ...] = ()
+    # the same row as a plain vector, its assets' names, and sum_j |Cov(r_i, r_j)| (the screen's error scale)
+    row: tuple[float, ...] = ()
+    row_names: tuple[str, ...] = ()
+    spread: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +155,9 @@ def _risk(
                 sigma[i][i],
                 cov.source,
                 tuple(zip(names, sigma[i], strict=True)),
+                tuple(sigma[i]),
+                tuple(names),
+                sum(abs(c) for c in sigma[i]),
             ),
         )
         for i, s in enumerate(names)
@@ -379,7 +387,7 @@ def no_trade_region(config: Config, check_seconds: Decimal, *, name: str = "no-t
     again); the config's cooldown still holds an asset after a trade.
     """
     return Policy(
-        threshold=NoTradeRegion(config.risk_aversion, check_seconds),
+        threshold=NoTradeRegion(config.risk_aversion, check_seconds, joint=config.region is RegionShape.JOINT),
         sizing=ToRegionPoint(config.region_point),
         gate=CostShareGate(),
         cooldown_seconds=config.cooldown,
@@ -896,7 +904,36 @@ _FLOAT_MARGIN = 1e-9
 _FLOAT_RANGE = (1e-200, 1e200)
 
 
+# The inputs of the last screen that proved a hold: a daemon's idle check asks twice of the same reads (which
+# books to fetch, then whether the cycle holds). Compared by value (the objects themselves are usually the
+# same ones, which tuple comparison sees at once), so a changed config, book or balance is never mistaken.
+_last_proof: tuple[Any, ...] | None = None
+
+
+def _proof_key(config: Config, snapshot: Snapshot, policy: Policy) -> tuple[Any, ...]:
+    return (
+        config.quote_symbol,
+        tuple((a.symbol, a.target_weight, a.max_deviation) for a in config.assets),
+        policy,
+        tuple(snapshot.markets.items()),
+        tuple(snapshot.balances.items()),
+        tuple(snapshot.locked.items()),
+    )
+
+
 def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Policy) -> bool:
+    """`_float_screen`, remembered for the inputs of its last proof of a hold (see `_last_proof`)."""
+    global _last_proof
+    key = _proof_key(config, snapshot, policy)
+    if key == _last_proof:
+        return True
+    held = _float_screen(config, snapshot, policy)
+    if held:
+        _last_proof = key
+    return held
+
+
+def _float_screen(config: Config, snapshot: Snapshot, policy: Policy) -> bool:
     """True only when the exact screen would hold every asset as below threshold (and none past its hard band).
 
     The idle check of a daemon is this question, thousands of times a second; floats answer it in a fraction of
@@ -906,8 +943,6 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
     """
     rule = policy.threshold
     region = isinstance(rule, NoTradeRegion)
-    if isinstance(rule, NoTradeRegion) and rule.joint:
-        return False  # a joint region weighs every asset with the others: the exact path
     if not region and not isinstance(rule, VolatilityScaledThreshold | FixedThreshold):
         return False  # a rule this screen does not know: the exact path
     quote = config.quote_symbol
@@ -938,6 +973,7 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
         risk = portfolio_risk(config, snapshot)[0]
         stock = region_rule.stock_costs()
         gamma, dt_days = float(region_rule.risk_aversion), float(region_rule.check_seconds) / 86_400
+    joint: list[tuple[str, AssetRisk, float, float]] = []  # (asset, risk, deviation, width): a joint region's
     for a, market, value in screened:
         target = float(a.target_weight)
         drift = target - value / total
@@ -955,9 +991,52 @@ def _certainly_below_threshold(config: Config, snapshot: Snapshot, policy: Polic
                 )
             # narrower where k is smaller; the exact path rounds the width to _WIDTH_QUANTUM, maybe that much down
             width = _region_width(k, target, asset_risk, gamma, dt_days)[0] - _WIDTH_SLACK
+            if region_rule.joint and asset_risk is not None and asset_risk.covariances:
+                if not size < float(a.max_deviation) - _FLOAT_MARGIN:
+                    return False
+                joint.append((a.symbol, asset_risk, -drift, width))  # held or not by the others too: below
+                continue
         else:  # these rules read the volatility only
             width = float(rule.threshold(AssetContext(a.symbol, a.target_weight, ZERO, market)))
         if not size < min(width * widen, float(a.max_deviation)) - _FLOAT_MARGIN:
+            return False
+    return _joint_holds(joint)
+
+
+def _joint_holds(assets: list[tuple[str, AssetRisk, float, float]]) -> bool:
+    """Whether `joint_remaining` leaves every deviation x as it is: y = x solves its box-constrained problem
+    exactly when no coordinate may move toward its target, sign(x_i) (Sigma x)_i <= lambda_i = sigma_i^2 delta_i
+    for each i (the optimality condition of a convex problem at a corner of its box; coordinate descent from
+    y = x then never moves). Checked with a margin for the floats' error and the width's rounding; a deviation
+    whose sign the floats cannot tell must pass for both signs."""
+    if not assets:
+        return True
+    names = [name for name, _, _, _ in assets]
+    xs = [x for _, _, x, _ in assets]
+    # every row of one covariance names the same assets in the same order: when they are exactly the screened
+    # ones, a row is a plain vector (the daemon's common case); else each entry is looked up by name
+    order = tuple(names)
+    aligned = all(r.row_names == order for _, r, _, _ in assets)
+    deviation = {} if aligned else dict(zip(names, xs, strict=True))
+    for _, risk, x, width in assets:
+        if aligned:
+            pull = sum(map(operator.mul, risk.row, xs))  # (Sigma x)_i
+            scale = risk.spread  # how far the floats' error in x can move it
+        else:
+            pull = scale = 0.0
+            for other, c in risk.covariances:
+                xj = deviation.get(other)
+                if xj is not None:
+                    pull += c * xj
+                    scale += abs(c)
+        allowed = risk.deviation_variance * width - risk.deviation_variance * _WIDTH_SLACK - scale * _FLOAT_MARGIN
+        if x > _FLOAT_MARGIN:
+            ok = pull < allowed
+        elif x < -_FLOAT_MARGIN:
+            ok = -pull < allowed
+        else:
+            ok = abs(pull) < allowed
+        if not ok:
             return False
     return True
 

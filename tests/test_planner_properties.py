@@ -12,10 +12,12 @@ from rebalancer_cli.config import Config, PolicyName
 from rebalancer_cli.errors import PlanningError
 from rebalancer_cli.planner import (
     AssetMemory,
+    NoTradeRegion,
     PlannerState,
     _screen,
     _views,
     idle_hold,
+    joint_remaining,
     needs_book,
     plan,
     policy_from_config,
@@ -124,8 +126,12 @@ def _exact_needs_book(cfg: Config, snap: Snapshot) -> set[str]:
     policy = policy_from_config(cfg)
     views, _ = _views(cfg, snap)
     risk, _ = portfolio_risk(cfg, snap)
+    rule = policy.threshold
+    joint = joint_remaining(views, rule, risk) if isinstance(rule, NoTradeRegion) and rule.joint else None
     return {
-        v.market.symbol for v in views if v.market is not None and _screen(v, policy, AssetMemory(), T0, risk) is None
+        v.market.symbol
+        for v in views
+        if v.market is not None and _screen(v, policy, AssetMemory(), T0, risk, joint) is None
     }
 
 
@@ -142,15 +148,23 @@ def _near_target(cfg: Config, snap: Snapshot, nudge: int) -> Snapshot:
 
 
 POLICIES = st.sampled_from([PolicyName.COST_ADJUSTED, PolicyName.NO_TRADE_REGION])
+CORRELATIONS = st.sampled_from(["0", "0.5", "0.95", "-0.6"])
+
+
+def _with(cfg: Config, policy: PolicyName, correlation: str) -> Config:
+    """The policy, and every pair of assets correlated so (a joint region then weighs them together)."""
+    names = [a.symbol for a in cfg.assets if a.symbol != "USDC"]
+    pairs = {f"{a}/{b}": D(correlation) for i, a in enumerate(names) for b in names[i + 1 :]}
+    return cfg.model_copy(update={"policy": policy, "correlations": pairs})
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.integers(0, 10**7), POLICIES)
+@given(scenarios(), st.integers(0, 10**7), POLICIES, CORRELATIONS)
 def test_the_float_screen_reads_the_books_the_exact_screen_reads(
-    case: tuple[Config, Snapshot], nudge: int, policy: PolicyName
+    case: tuple[Config, Snapshot], nudge: int, policy: PolicyName, correlation: str
 ) -> None:
     cfg, snap = case
-    cfg = cfg.model_copy(update={"policy": policy})
+    cfg = _with(cfg, policy, correlation)
     for s in (snap, _near_target(cfg, snap, nudge)):
         try:
             expected = _exact_needs_book(cfg, s)
@@ -160,14 +174,14 @@ def test_the_float_screen_reads_the_books_the_exact_screen_reads(
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(scenarios(), st.integers(0, 10**7), POLICIES)
+@given(scenarios(), st.integers(0, 10**7), POLICIES, CORRELATIONS)
 def test_an_idle_hold_is_the_plans_hold_to_the_digit(
-    case: tuple[Config, Snapshot], nudge: int, policy: PolicyName
+    case: tuple[Config, Snapshot], nudge: int, policy: PolicyName, correlation: str
 ) -> None:
     """The daemon's idle check skips the plan when the screen proves the hold: its decisions and drift must be
     the ones the plan gives, and it must leave the memory as the plan would."""
     cfg, snap = case
-    cfg = cfg.model_copy(update={"policy": policy})
+    cfg = _with(cfg, policy, correlation)
     s = _near_target(cfg, snap, nudge)
     try:
         full = plan(cfg, s, now=T0)

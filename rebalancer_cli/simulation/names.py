@@ -16,7 +16,7 @@ POLICY_NAMES = (
     "no-trade-region",
     "no-trade-region-edge",
     "no-trade-region-target",
-    "joint-region",
+    "per-asset-region",
 )
 # the keys of simulation.generate.REGIMES (a test keeps them equal)
 REGIME_NAMES = ("calm", "trending", "volatile")

@@ -94,6 +94,7 @@ def named_policies(
     live = policy_from_config(config, check_seconds=check)
     gamma = f"gamma {config.risk_aversion.normalize():f}"
     point = config.region_point
+    shape = config.region.value
     scaled = VolatilityScaledThreshold(config.base_threshold, config.volatility_factor)
     gate = CostGate(config.safety_margin)
     hysteresis = config.hysteresis or DEFAULT_HYSTERESIS
@@ -155,26 +156,25 @@ def named_policies(
         "no-trade-region": BacktestPolicy(
             "no-trade-region",
             no_trade_region(config, check),
-            description=f"per-asset no-trade regions ({gamma}), to {point.normalize():f} of the half-width",
+            description=f"the config's no-trade regions ({shape}, {gamma}), to {point.normalize():f} of the width",
         ),
         "no-trade-region-edge": BacktestPolicy(
             "no-trade-region-edge",
             replace(no_trade_region(config, check, name="no-trade-region-edge"), sizing=ToRegionPoint(ONE)),
-            description=f"per-asset no-trade regions ({gamma}), to the region's edge (Leland 2000)",
+            description=f"the config's no-trade regions ({shape}, {gamma}), to the region's edge (Leland 2000)",
         ),
-        "joint-region": BacktestPolicy(
-            "joint-region",
+        "per-asset-region": BacktestPolicy(
+            "per-asset-region",
             replace(
-                no_trade_region(config, check, name="joint-region"),
-                threshold=NoTradeRegion(config.risk_aversion, check, joint=True),
-                sizing=ToRegionPoint(ONE),
+                no_trade_region(config, check, name="per-asset-region"),
+                threshold=NoTradeRegion(config.risk_aversion, check),
             ),
-            description=f"one no-trade region over all assets with their covariance ({gamma}), to its edge",
+            description=f"a no-trade region per asset, each alone ({gamma}), to {point.normalize():f} of the width",
         ),
         "no-trade-region-target": BacktestPolicy(
             "no-trade-region-target",
             replace(no_trade_region(config, check, name="no-trade-region-target"), sizing=ToRegionPoint(ZERO)),
-            description=f"per-asset no-trade regions ({gamma}), back to target",
+            description=f"the config's no-trade regions ({shape}, {gamma}), back to target",
         ),
     }
 

@@ -31,6 +31,7 @@ from ..errors import InputError, InsufficientFundsError, InvalidOrderError
 from ..exchange.paper import paper_fill
 from ..planner import (
     AssetContext,
+    AssetRisk,
     NoTradeRegion,
     Plan,
     PlannerState,
@@ -66,6 +67,8 @@ COVARIANCE_MIN_DAYS = 10
 # moves k by less than this share whenever k >= REGION_SCREEN_MIN_COST; below that the screen plans every step.
 REGION_SCREEN_SLACK = Decimal("0.001")
 REGION_SCREEN_MIN_COST = Decimal("0.0002")
+# the joint region's cut of the widths, a little further still, for the floats it is computed in
+SCREEN_FACTOR_SLACK = Decimal("0.999")
 DEFAULT_INITIAL_VALUE = Decimal(100_000)
 DEFAULT_RISK_AVERSION = Decimal(5)
 DEFAULT_TAKER_FEE = Decimal("0.001")
@@ -477,15 +480,30 @@ def _screen_threshold(rule: ThresholdRule, context: AssetContext) -> Decimal:
     """The threshold the screen may assume for the rest of the day: the rule's own, except for a no-trade
     region, whose cost rate comes from each step's book: its width with the cheaper side's k cut by
     REGION_SCREEN_SLACK, which no step of the day goes below (see REGION_SCREEN_SLACK); 0 when k is too small
-    for that bound to hold, or for a joint region, so that every step is planned."""
+    for that bound to hold, so that every step is planned. (A joint region's are then cut by `_joint_factor`.)"""
     if not isinstance(rule, NoTradeRegion) or context.market is None:
         return rule.threshold(context)
-    if rule.joint:
-        return ZERO  # the others' deviations move a joint region's edge: every step is planned
     k = min(rule.cost_rate(context.market, "buy"), rule.cost_rate(context.market, "sell"))
     if k < REGION_SCREEN_MIN_COST:
         return ZERO
     return rule.figures(context, cost_rate=k * (ONE - REGION_SCREEN_SLACK)).half_width
+
+
+def _joint_factor(names: list[str], widths: list[Decimal], risk: Mapping[str, AssetRisk]) -> Decimal:
+    """How far the per-asset widths must be cut for the screen of a joint region: with every |x_j| below
+    c delta_j, sign(x_i) (Sigma x)_i <= sum_j |Sigma_ij| c delta_j <= sigma_i^2 delta_i, the condition under which
+    the joint region holds every asset (`planner._joint_holds`), for c = min_i sigma_i^2 delta_i / sum_j
+    |Sigma_ij| delta_j. The widths are the day's lower bounds, so this holds at every step of the day."""
+    at = dict(zip(names, widths, strict=True))
+    factor = ONE
+    for name, width in at.items():
+        r = risk.get(name)
+        if r is None or not r.covariances:
+            continue  # outside the joint problem: its own width holds for it, as in the plan
+        spread = sum(abs(c) * float(at.get(other, ZERO)) for other, c in r.covariances)
+        if spread > 0:
+            factor = min(factor, Decimal(repr(r.deviation_variance * float(width) / spread)) * SCREEN_FACTOR_SLACK)
+    return max(ZERO, factor)
 
 
 class _Run:
@@ -536,10 +554,16 @@ class _Run:
         tops = replay.snapshot(i, self.balances, books=())
         risk, _source = portfolio_risk(replay.config, tops)
         hard, trigger, cool, rearm = [], [], [], []
+        thresholds = []
         for a in self._assets:
             market = tops.markets[f"{a.symbol}/{replay.quote}"]
             context = AssetContext(a.symbol, a.target_weight, ZERO, market, risk.get(a.symbol))
-            threshold = _screen_threshold(policy.threshold, context)
+            thresholds.append(_screen_threshold(policy.threshold, context))
+        rule = policy.threshold
+        if isinstance(rule, NoTradeRegion) and rule.joint:
+            factor = _joint_factor([a.symbol for a in self._assets], thresholds, risk)
+            thresholds = [t * factor for t in thresholds]
+        for a, threshold in zip(self._assets, thresholds, strict=True):
             memory = self.state.of(a.symbol)
             hard.append(float(a.max_deviation) - SCREEN_EPS)
             armed = memory.armed or not h
