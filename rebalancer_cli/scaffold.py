@@ -17,6 +17,11 @@ CONFIG_TEMPLATE = """\
 # A portfolio for `rebalance` (written by `rebalance init`). Every key: `rebalance config-schema`.
 # Check it with `rebalance validate-config --config {config}`, then `rebalance plan --config {config}`.
 portfolio_id: "my-portfolio"   # names this portfolio's keys in the ledger and audit stores
+# policy: no-trade-region      # the default; or cost-adjusted (the thresholds and gate below)
+# risk_aversion: 5             # gamma of cost + gamma/2 * TE^2: sizes the no-trade regions
+# region: joint                # or per-asset: each asset's region sized alone, ignoring correlations
+# region_point: 0.5            # a trade goes to this fraction of the region's half-width (1 = edge)
+# correlations: {{BTC/ETH: 0.8}}  # when the snapshot has no covariance: with each market's volatility
 base_threshold: 0.001          # never trade a drift below 0.1% of portfolio value ...
 volatility_factor: 0.5         # ... widened by half the daily volatility
 safety_margin: 1.5             # trade only when correcting is worth 1.5x its estimated cost
