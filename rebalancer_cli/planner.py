@@ -814,7 +814,8 @@ def joint_remaining(views: list[_View], rule: NoTradeRegion, risk: Mapping[str, 
         for i in range(len(y)):
             if sigma[i][i] <= 0:
                 continue
-            cross = sum(sigma[i][j] * y[j] for j in range(len(y)) if j != i)
+            row = sigma[i]
+            cross = sum(map(operator.mul, row, y)) - row[i] * y[i]
             sign = 1.0 if x[i] > 0 else -1.0 if x[i] < 0 else 0.0
             new = min(hi[i], max(lo[i], (lam[i] * sign - cross) / sigma[i][i]))
             moved = max(moved, abs(new - y[i]))
