@@ -76,12 +76,16 @@ class AssetRisk:
     weight_variance: float
     deviation_variance: float
     source: str
-    # Cov(r_i, r_j) with every traded asset j, i included: what a joint region weighs deviations by
-    covariances: tuple[tuple[str, float], ...] = ()
-    # the same row as a plain vector, its assets' names, and sum_j |Cov(r_i, r_j)| (the screen's error scale)
+    # Cov(r_i, r_j) with every traded asset j (i included), in the order of `row_names`: what a joint region
+    # weighs deviations by; and sum_j |Cov(r_i, r_j)|, the scale of the screen's float error
     row: tuple[float, ...] = ()
     row_names: tuple[str, ...] = ()
     spread: float = 0.0
+
+    @property
+    def covariances(self) -> tuple[tuple[str, float], ...]:
+        """(asset j, Cov(r_i, r_j)) pairs of `row`."""
+        return tuple(zip(self.row_names, self.row, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +158,6 @@ def _risk(
                 w[i] ** 2 * max(0.0, sigma[i][i] - 2 * sw[i] + wsw),
                 sigma[i][i],
                 cov.source,
-                tuple(zip(names, sigma[i], strict=True)),
                 tuple(sigma[i]),
                 tuple(names),
                 sum(abs(c) for c in sigma[i]),
@@ -775,6 +778,11 @@ _JOINT_SWEEPS = 500
 _JOINT_TOLERANCE = 1e-13
 
 
+def joint_of(views: list[_View], rule: ThresholdRule, risk: Mapping[str, AssetRisk]) -> dict[str, Decimal] | None:
+    """`joint_remaining` when `rule` is a joint region, else None (every asset decided alone)."""
+    return joint_remaining(views, rule, risk) if isinstance(rule, NoTradeRegion) and rule.joint else None
+
+
 def joint_remaining(views: list[_View], rule: NoTradeRegion, risk: Mapping[str, AssetRisk]) -> dict[str, Decimal]:
     """Each asset's drift left after the joint region's correction (equal to its drift: it holds).
 
@@ -790,7 +798,7 @@ def joint_remaining(views: list[_View], rule: NoTradeRegion, risk: Mapping[str, 
     box constraints, solved by cyclic coordinate descent (each step the exact minimizer along one axis, clipped).
     Floats: it places boundaries; amounts are sized from its answer in Decimal.
     """
-    assets = [v for v in views if v.market is not None and v.symbol in risk and risk[v.symbol].covariances]
+    assets = [v for v in views if v.market is not None and v.symbol in risk and risk[v.symbol].row]
     if not assets:
         return {}
     names = [v.symbol for v in assets]
@@ -887,9 +895,8 @@ def needs_book(
     when = now or snapshot.taken_at
     views, _ = _views(config, snapshot)
     # only a no-trade region reads the covariance: O(assets^2), so no other rule pays for it
-    rule = policy.threshold
-    risk = portfolio_risk(config, snapshot)[0] if isinstance(rule, NoTradeRegion) else {}
-    joint = joint_remaining(views, rule, risk) if isinstance(rule, NoTradeRegion) and rule.joint else None
+    risk = portfolio_risk(config, snapshot)[0] if isinstance(policy.threshold, NoTradeRegion) else {}
+    joint = joint_of(views, policy.threshold, risk)
     return {
         v.market.symbol
         for v in views
@@ -992,7 +999,7 @@ def _float_screen(config: Config, snapshot: Snapshot, policy: Policy) -> bool:
                 )
             # narrower where k is smaller; the exact path rounds the width to _WIDTH_QUANTUM, maybe that much down
             width = _region_width(k, target, asset_risk, gamma, dt_days)[0] - _WIDTH_SLACK
-            if region_rule.joint and asset_risk is not None and asset_risk.covariances:
+            if region_rule.joint and asset_risk is not None and asset_risk.row:
                 if not size < float(a.max_deviation) - _FLOAT_MARGIN:
                     return False
                 joint.append((a.symbol, asset_risk, -drift, width))  # held or not by the others too: below
@@ -1112,8 +1119,7 @@ def plan(
     risk, risk_source = portfolio_risk(config, snapshot) if region else ({}, "")
     if region and not risk_source:
         notes.append("no covariance or volatility: no-trade regions sized on target weights alone")
-    rule = policy.threshold
-    joint = joint_remaining(views, rule, risk) if isinstance(rule, NoTradeRegion) and rule.joint else None
+    joint = joint_of(views, policy.threshold, risk)
 
     for v in views:
         if v.market is None:

@@ -12,12 +12,11 @@ from rebalancer_cli.config import Config, PolicyName
 from rebalancer_cli.errors import PlanningError
 from rebalancer_cli.planner import (
     AssetMemory,
-    NoTradeRegion,
     PlannerState,
     _screen,
     _views,
     idle_hold,
-    joint_remaining,
+    joint_of,
     needs_book,
     plan,
     policy_from_config,
@@ -126,8 +125,7 @@ def _exact_needs_book(cfg: Config, snap: Snapshot) -> set[str]:
     policy = policy_from_config(cfg)
     views, _ = _views(cfg, snap)
     risk, _ = portfolio_risk(cfg, snap)
-    rule = policy.threshold
-    joint = joint_remaining(views, rule, risk) if isinstance(rule, NoTradeRegion) and rule.joint else None
+    joint = joint_of(views, policy.threshold, risk)
     return {
         v.market.symbol
         for v in views

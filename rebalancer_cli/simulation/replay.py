@@ -498,7 +498,7 @@ def _joint_factor(names: list[str], widths: list[Decimal], risk: Mapping[str, As
     factor = ONE
     for name, width in at.items():
         r = risk.get(name)
-        if r is None or not r.covariances:
+        if r is None or not r.row:
             continue  # outside the joint problem: its own width holds for it, as in the plan
         spread = sum(abs(c) * float(at.get(other, ZERO)) for other, c in r.covariances)
         if spread > 0:
