@@ -251,6 +251,10 @@ class Executor:
         self._halted_by: str | None = None
         # worst acceptable price of each order sent in this run, for the check of its fills
         self._bounds: dict[str, Decimal] = {}
+        # the holdings this run synced the ledger to, plus what its commits moved since (None: not synced), so
+        # the drift after execution needs no ledger read; settled orders of a group add to it side by side
+        self._holdings: dict[str, Decimal] | None = None
+        self._holdings_lock = threading.Lock()
         # set by an order of a group that found the circuit open: the rest of the cycle is skipped
         self._circuit_open: CircuitOpenError | None = None
 
@@ -396,11 +400,14 @@ class Executor:
 
     def _sync_ledger(self, snapshot: Snapshot, report: ExecutionReport) -> None:
         """The exchange is the truth; replace the ledger's holdings with it unless orders are in flight."""
-        if self.ledger.locks(self.pid):
-            report.notes.append("ledger kept its own holdings: another order of this portfolio is in flight")
-            return
         holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
-        self.ledger.sync_balances(self.pid, holdings, fence=self.fence)
+        # one atomic step: replaced only while no order is in flight (checking the locks first was a round trip,
+        # and a race with a lock taken in between)
+        self._holdings = None
+        if self.ledger.sync_balances(self.pid, holdings, fence=self.fence, unless_locked=True):
+            self._holdings = holdings
+        else:
+            report.notes.append("ledger kept its own holdings: another order of this portfolio is in flight")
 
     def _outcome(self, t: Trade) -> OrderOutcome:
         return OrderOutcome(t.idempotency_key, t.symbol, t.market, t.side, t.amount, est_price=t.est_price)
@@ -837,6 +844,10 @@ class Executor:
         credit = {a: v for a, v in net.items() if v > 0}
         if filled > 0:
             self.ledger.commit(self.pid, intent.key, debit=debit, credit=credit, fence=self.fence)
+            with self._holdings_lock:
+                if self._holdings is not None:
+                    for ccy, moved in net.items():
+                        self._holdings[ccy] = self._holdings.get(ccy, ZERO) + moved
         else:
             self.ledger.release(self.pid, intent.key, fence=self.fence)
         if filled == 0:
@@ -978,11 +989,15 @@ class Executor:
     def _realized_drift(self, plan: Plan, snapshot: Snapshot) -> Decimal | None:
         """Total drift from the holdings after execution, valued at the snapshot's mids: the ledger's, which
         every fill of this run was just committed to exactly as the exchange reported it (`reconcile` checks
-        the two agree), so no balance read is spent on it."""
-        try:
-            held = self.ledger.balances(self.pid)
-        except StoreError:
-            return None
+        the two agree), so no balance read is spent on it. They are known without a ledger read when this run
+        synced the ledger: what it synced plus what its commits moved."""
+        with self._holdings_lock:
+            held = dict(self._holdings) if self._holdings is not None else None
+        if held is None:
+            try:
+                held = self.ledger.balances(self.pid)
+            except StoreError:
+                return None
         values = {}
         for a in plan.assets:
             values[a.symbol] = held.get(a.symbol, ZERO) * a.mid

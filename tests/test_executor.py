@@ -402,6 +402,18 @@ def test_an_order_reported_filled_twice_is_stored_once_and_committed_once(
     check_consistent(config_path, emu, report)
 
 
+def test_drift_after_is_the_ledgers_holdings_at_the_plans_mids(tmp_path: Path, emu: Emulator, unique_id: str) -> None:
+    emu.set_fee_asset("BNB", "600")  # a fee in a currency outside the portfolio moves nothing of its weights
+    config = emu_config(tmp_path, emu, unique_id)
+    report = execute(config)
+    assert report.status == "done" and all(o.filled > 0 for o in report.outcomes)
+    held = ledger_holdings(config)
+    values = {a.symbol: held[a.symbol] * a.mid for a in report.plan.assets}
+    total = sum(values.values(), D(0))
+    drift = sum((abs(a.target_weight - values[a.symbol] / total) for a in report.plan.assets), D(0))
+    assert report.drift_after == drift < report.drift_before  # exactly: no ledger read, the same number
+
+
 def test_fees_in_a_third_currency_are_booked_in_that_currency(tmp_path: Path, emu: Emulator, unique_id: str) -> None:
     emu.set_fee_asset("BNB", "600")  # as Binance does with "pay fees in BNB"
     config = emu_config(tmp_path, emu, unique_id)

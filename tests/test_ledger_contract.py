@@ -88,6 +88,20 @@ def test_sync_replaces_holdings_and_keeps_locks(ledger: ShadowLedger, pid: str) 
     assert ledger.available(pid, "USDC") == D("20")
 
 
+def test_sync_unless_locked_leaves_holdings_while_an_order_is_in_flight(ledger: ShadowLedger, pid: str) -> None:
+    assert ledger.sync_balances(pid, {"USDC": D("100")}, unless_locked=True)  # no lock: replaced
+    assert ledger.lock(pid, "k1", "USDC", D("30"), ttl_seconds=TTL)
+    assert not ledger.sync_balances(pid, {"USDC": D("70")}, unless_locked=True)
+    assert ledger.balances(pid) == {"USDC": D("100")}  # the exchange's 70 may not show the order yet
+    ledger.release(pid, "k1")
+    assert ledger.sync_balances(pid, {"USDC": D("70")}, unless_locked=True)
+    assert ledger.balances(pid) == {"USDC": D("70")}
+    assert ledger.lock(pid, "k2", "USDC", D("1"), ttl_seconds=0.05)
+    time.sleep(0.1)  # an expired lock is no order in flight
+    assert ledger.sync_balances(pid, {"USDC": D("60")}, unless_locked=True)
+    assert ledger.balances(pid) == {"USDC": D("60")}
+
+
 def test_portfolios_do_not_share_funds(ledger: ShadowLedger, pid: str) -> None:
     other = f"{pid}-b"
     ledger.sync_balances(pid, {"USDC": D("10")})

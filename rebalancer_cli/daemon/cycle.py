@@ -371,8 +371,9 @@ class CycleRunner:
             return None
         if hold.memory != state:
             ledger.set_memory(pid, hold.memory.to_json(), fence=token)
-        if self._synced.get(pid) != hold.holdings and not ledger.locks(pid):
-            ledger.sync_balances(pid, hold.holdings, fence=token)
+        if self._synced.get(pid) != hold.holdings and ledger.sync_balances(
+            pid, hold.holdings, fence=token, unless_locked=True
+        ):
             self._synced[pid] = hold.holdings
         if self._recorded.get(pid) != hold.decisions:
             held = hold.plan or plan(config, snapshot, state, now=now)

@@ -120,7 +120,13 @@ def to_decimal(value: Any, what: str = "value") -> Decimal | None:
         and len(d.normalize(_WIDE).as_tuple().digits) > MAX_DIGITS
     ):
         raise ExchangeError(f"exchange sent a {what} with more than {MAX_DIGITS} digits: {text[:40]!r}")
+    if _PLAIN.fullmatch(text) is not None:
+        return d  # already canonical: no exponent, and no trailing zero after a point (most of a book)
     return canonical(d)
+
+
+# A number text whose Decimal is already canonical: digits, and a fraction that ends in a non-zero digit
+_PLAIN = re.compile(r"-?[0-9]+(?:\.[0-9]*[1-9])?")
 
 
 def canonical(d: Decimal) -> Decimal:
@@ -633,7 +639,12 @@ class CcxtExchange:
         for side in ("bids", "asks"):
             levels = []
             for entry in raw.get(side) or []:
-                price, amount = _required(entry[0], price_what), _required(entry[1], amount_what)
+                price, amount = entry[0], entry[1]
+                # levels parsed by `_bid_ask` are checked Decimals already; anything else is checked here
+                if type(price) is not Decimal:
+                    price = _required(price, price_what)
+                if type(amount) is not Decimal:
+                    amount = _required(amount, amount_what)
                 if price > 0 and amount > 0:
                     levels.append((price, amount))
             sides.append(tuple(levels))

@@ -54,8 +54,18 @@ class Halt:
 class ShadowLedger(Protocol):
     """Holdings, locks and the cross-instance state of portfolios (fence, kill switch, planner memory)."""
 
-    def sync_balances(self, portfolio_id: str, balances: Mapping[str, Decimal], *, fence: int | None = None) -> None:
-        """Replace holdings with the exchange's truth; locks stay, since their orders are still in flight."""
+    def sync_balances(
+        self,
+        portfolio_id: str,
+        balances: Mapping[str, Decimal],
+        *,
+        fence: int | None = None,
+        unless_locked: bool = False,
+    ) -> bool:
+        """Replace holdings with the exchange's truth; locks stay, since their orders are still in flight.
+
+        `unless_locked`: only when no live lock exists, checked in the same atomic step (an order in flight has
+        moved funds the exchange's balances may or may not show yet). True when the holdings were replaced."""
         ...
 
     def balances(self, portfolio_id: str) -> dict[str, Decimal]: ...

@@ -134,13 +134,21 @@ class RedisLedger:
 
     # --- holdings ---------------------------------------------------------------------------------
 
-    def sync_balances(self, portfolio_id: str, balances: Mapping[str, Decimal], *, fence: int | None = None) -> None:
+    def sync_balances(
+        self,
+        portfolio_id: str,
+        balances: Mapping[str, Decimal],
+        *,
+        fence: int | None = None,
+        unless_locked: bool = False,
+    ) -> bool:
         pairs: list[str] = []
         for asset, amount in balances.items():
             check_name(asset, "asset")
             pairs += [asset, amount_text(amount, f"balance of {asset}")]
-        keys = [self._key(portfolio_id, "hold"), self._key(portfolio_id, "fence")]
-        self._run(portfolio_id, "sync", keys, [_fence_arg(fence), *pairs])
+        keys = [self._key(portfolio_id, n) for n in ("hold", "fence", "locks")]
+        status, _ = self._run(portfolio_id, "sync", keys, [_fence_arg(fence), "1" if unless_locked else "", *pairs])
+        return status == "ok"
 
     def balances(self, portfolio_id: str) -> dict[str, Decimal]:
         key = self._key(portfolio_id, "hold")

@@ -149,19 +149,33 @@ class SQLiteLedger:
 
     # --- holdings ---------------------------------------------------------------------------------
 
-    def sync_balances(self, portfolio_id: str, balances: Mapping[str, Decimal], *, fence: int | None = None) -> None:
+    def sync_balances(
+        self,
+        portfolio_id: str,
+        balances: Mapping[str, Decimal],
+        *,
+        fence: int | None = None,
+        unless_locked: bool = False,
+    ) -> bool:
         check_portfolio(portfolio_id)
         rows: list[tuple[str, str, str]] = []
         for asset, amount in balances.items():
             check_name(asset, "asset")
             rows.append((portfolio_id, asset, amount_text(amount, f"balance of {asset}")))
 
-        def run(conn: sqlite3.Connection) -> None:
+        def run(conn: sqlite3.Connection) -> bool:
             self._check_fence(conn, portfolio_id, fence)
+            if unless_locked:
+                live = conn.execute(
+                    "SELECT 1 FROM locks WHERE portfolio_id = ? AND expires_at > ? LIMIT 1", (portfolio_id, time.time())
+                ).fetchone()
+                if live is not None:
+                    return False
             conn.execute("DELETE FROM holdings WHERE portfolio_id = ?", (portfolio_id,))
             conn.executemany("INSERT INTO holdings (portfolio_id, asset, amount) VALUES (?, ?, ?)", rows)
+            return True
 
-        self._tx(run, write=True)
+        return self._tx(run, write=True)
 
     def balances(self, portfolio_id: str) -> dict[str, Decimal]:
         check_portfolio(portfolio_id)
