@@ -14,7 +14,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal
@@ -433,8 +433,9 @@ class Executor:
                 if notional is not None:
                     ready.append((trade, outcome))
                     turnover += notional
-            amounts = self._fit_buys(ready, snapshot) if side == "buy" else [t.amount for t, _ in ready]
-            self._send_group(plan, ready, amounts, snapshot, saved=saved)
+            free: dict[str, Decimal] = {}  # the quote free before the group's buys, read once per quote
+            amounts = self._fit_buys(ready, snapshot, free) if side == "buy" else [t.amount for t, _ in ready]
+            self._send_group(plan, ready, amounts, snapshot, free, saved=saved)
             if self._circuit_open is not None:
                 for _, rest in pairs:
                     if rest.status == "pending":
@@ -464,18 +465,21 @@ class Executor:
         self._emit(outcome)
         return None
 
-    def _fit_buys(self, ready: list[tuple[Trade, OrderOutcome]], snapshot: Snapshot) -> list[Decimal]:
+    def _fit_buys(
+        self, ready: list[tuple[Trade, OrderOutcome]], snapshot: Snapshot, free: dict[str, Decimal]
+    ) -> list[Decimal]:
         """Each buy's amount, in plan order, against the quote still free once the buys before it are counted
-        at the most they may spend (their limit, fee included): sent at once, they can never overspend."""
-        free: dict[str, Decimal] = {}
+        at the most they may spend (their limit, fee included): sent at once, they can never overspend.
+        `free` is filled with what the ledger said was free of each quote before them."""
+        left: dict[str, Decimal] = {}
         amounts: list[Decimal] = []
         for trade, _ in ready:
             market = snapshot.markets[trade.market]
             if market.quote not in free:
-                free[market.quote] = self.ledger.available(self.pid, market.quote)
-            amount = self._fit_buy(trade, snapshot, free[market.quote])
+                free[market.quote] = left[market.quote] = self.ledger.available(self.pid, market.quote)
+            amount = self._fit_buy(trade, snapshot, left[market.quote])
             if amount > 0:
-                free[market.quote] -= amount * self._bound(market, "buy", amount) * (1 + market.taker_fee)
+                left[market.quote] -= amount * self._bound(market, "buy", amount) * (1 + market.taker_fee)
             amounts.append(amount)
         return amounts
 
@@ -485,11 +489,12 @@ class Executor:
         ready: list[tuple[Trade, OrderOutcome]],
         amounts: list[Decimal],
         snapshot: Snapshot,
+        free: Mapping[str, Decimal],
         *,
         saved: bool,
     ) -> None:
         """Every intent of the group in one store round trip (write-ahead, before the first of them leaves),
-        then each order's protocol side by side."""
+        every lock in one ledger round trip, then each order's send and settlement side by side."""
         prepared: list[tuple[Trade, OrderOutcome, OrderIntent]] = []
         for (trade, outcome), amount in zip(ready, amounts, strict=True):
             intent = self._intent(plan, trade, outcome, amount, saved=saved)
@@ -498,12 +503,43 @@ class Executor:
         if not prepared:
             return
         new = self.audit.record_intents([intent for _, _, intent in prepared])
-        side_by_side(
-            [
-                functools.partial(self._order, trade, outcome, intent, fresh, snapshot)
-                for (trade, outcome, intent), fresh in zip(prepared, new, strict=True)
-            ]
+        # an intent this run did not write is another run's, or an earlier one's: never sent again from here
+        prepared = [
+            p for p, fresh in zip(prepared, new, strict=True) if fresh or not self._known(p[0].idempotency_key, p[1])
+        ]
+        if not prepared:
+            return
+        failpoints.hit("after_intent")
+        worsts = [self._bound(snapshot.markets[t.market], t.side, i.amount) for t, _, i in prepared]
+        needs = self._lock_needs(prepared, worsts, snapshot, free)
+        granted = self.ledger.lock_many(
+            self.pid,
+            [(t.idempotency_key, asset, amount) for (t, _, _), (asset, amount) in zip(prepared, needs, strict=True)],
+            ttl_seconds=self.lock_ttl,
+            fence=self.fence,
         )
+        locked = []
+        for (trade, outcome, intent), worst, (asset, amount), ok in zip(prepared, worsts, needs, granted, strict=True):
+            if ok:
+                # no audit write for the lock: the ledger holds it, and recovery treats a lock like an intent
+                outcome.status = "locked"
+                self._emit(outcome)
+                locked.append(functools.partial(self._order, trade, outcome, intent, worst, snapshot))
+                continue
+            reason = f"shadow ledger refused to lock {amount} {asset}: not available"
+            self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=reason)
+            self.audit.record_event(
+                self.pid,
+                "lock_failed",
+                {"key": trade.idempotency_key, "asset": asset, "amount": str(amount)},
+                self.clock(),
+            )
+            outcome.status, outcome.reason, outcome.lock_refused = "rejected", reason, True
+            self._emit(outcome)
+        if not locked:
+            return
+        failpoints.hit("after_lock", quiesce=self._quiesce)
+        side_by_side(locked)
 
     def _intent(
         self, plan: Plan, trade: Trade, outcome: OrderOutcome, amount: Decimal, *, saved: bool
@@ -529,10 +565,12 @@ class Executor:
             created_at=self.clock(),
         )
 
-    def _order(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, new: bool, snapshot: Snapshot) -> None:
+    def _order(
+        self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal, snapshot: Snapshot
+    ) -> None:
         try:
             with span("order", portfolio=self.pid, market=trade.market, side=trade.side, key=trade.idempotency_key):
-                self._one(trade, outcome, intent, new, snapshot)
+                self._one(trade, outcome, intent, worst)
         except CircuitOpenError as exc:
             outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
             self._emit(outcome)
@@ -564,34 +602,10 @@ class Executor:
 
     # -- one order --------------------------------------------------------------------------------------------
 
-    def _one(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, new: bool, snapshot: Snapshot) -> None:
-        """One order's protocol once its intent is written (`new`: this run wrote it, no other run had)."""
-        market = snapshot.markets[trade.market]
+    def _one(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal) -> None:
+        """One order's protocol once its intent is written and its funds are locked: the last checks, the send
+        at no worse than `worst`, the settlement."""
         amount = intent.amount
-        if not new and self._known(trade.idempotency_key, outcome):
-            return  # another run recorded it between our check and our write
-        failpoints.hit("after_intent")
-        worst = self._bound(market, trade.side, amount)
-        asset, lock_amount = self._lock_need(trade, amount, market.taker_fee, worst)
-        if not self.ledger.lock(
-            self.pid, trade.idempotency_key, asset, lock_amount, ttl_seconds=self.lock_ttl, fence=self.fence
-        ):
-            reason = f"shadow ledger refused to lock {lock_amount} {asset}: not available"
-            self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=reason)
-            self.audit.record_event(
-                self.pid,
-                "lock_failed",
-                {"key": trade.idempotency_key, "asset": asset, "amount": str(lock_amount)},
-                self.clock(),
-            )
-            outcome.status, outcome.reason, outcome.lock_refused = "rejected", reason, True
-            self._emit(outcome)
-            return
-        # no audit write for the lock: the ledger holds it, and recovery treats a lock like an intent (never sent)
-        outcome.status = "locked"
-        self._emit(outcome)
-        failpoints.hit("after_lock", quiesce=self._quiesce)
-
         key = trade.idempotency_key
 
         def mark_sent() -> None:
@@ -705,14 +719,31 @@ class Executor:
             return ZERO
         return est.amount
 
-    def _lock_need(self, trade: Trade, amount: Decimal, fee: Decimal, limit: Decimal) -> tuple[str, Decimal]:
-        """A sell locks its base; a buy the most its protected order may spend (limit price, fee included)."""
-        base, quote = trade.market.split("/")
-        if trade.side == "sell":
-            return base, amount
-        most = (amount * limit * (1 + fee)).quantize(Decimal("1e-8"), rounding=ROUND_UP)
-        available = self.ledger.available(self.pid, quote)
-        return quote, min(most, available) if available > 0 else most
+    def _lock_needs(
+        self,
+        prepared: list[tuple[Trade, OrderOutcome, OrderIntent]],
+        worsts: list[Decimal],
+        snapshot: Snapshot,
+        free: Mapping[str, Decimal],
+    ) -> list[tuple[str, Decimal]]:
+        """(asset, amount) each order locks: a sell its base; a buy the most its protected order may spend
+        (limit price, fee included), capped, in order, by the quote still free after the buys before it (of
+        `free`, the ledger's figure before the group; read here when missing)."""
+        left = dict(free)
+        out = []
+        for (trade, _, intent), limit in zip(prepared, worsts, strict=True):
+            market = snapshot.markets[trade.market]
+            if trade.side == "sell":
+                out.append((market.base, intent.amount))
+                continue
+            most = (intent.amount * limit * (1 + market.taker_fee)).quantize(Decimal("1e-8"), rounding=ROUND_UP)
+            if market.quote not in left:
+                left[market.quote] = self.ledger.available(self.pid, market.quote)
+            available = left[market.quote]
+            need = min(most, available) if available > 0 else most
+            left[market.quote] = available - need
+            out.append((market.quote, need))
+        return out
 
     def _send(
         self,

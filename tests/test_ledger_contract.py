@@ -128,6 +128,32 @@ def test_lock_grants_exactly_what_is_available(ledger: ShadowLedger, pid: str) -
     assert ledger.balances(pid) == {"USDC": D("1")}  # locking never moves holdings
 
 
+def test_lock_many_grants_in_order_each_against_what_the_ones_before_it_took(ledger: ShadowLedger, pid: str) -> None:
+    ledger.sync_balances(pid, {"USDC": D("10"), "BTC": D("1")})
+    assert ledger.lock(pid, "done", "USDC", D("1"), ttl_seconds=TTL)
+    ledger.commit(pid, "done", debit={"USDC": D("1")}, credit={"BTC": D("0.0001")})
+    assert ledger.lock(pid, "live", "USDC", D("2"), ttl_seconds=TTL)
+    granted = ledger.lock_many(
+        pid,
+        [
+            ("a", "USDC", D("4")),
+            ("b", "USDC", D("3.000000000000000001")),  # 3 left after a: refused
+            ("c", "BTC", D("1.0001")),  # the whole BTC, the commit's included: another asset's funds
+            ("live", "USDC", D("2")),  # held already: granted, nothing locked twice
+            ("done", "USDC", D("1")),  # committed before: granted, nothing locked
+            ("d", "USDC", D("3")),  # the last 3 fit exactly
+        ],
+        ttl_seconds=TTL,
+    )
+    assert granted == [True, False, True, True, True, True]
+    assert {lock.key for lock in ledger.locks(pid)} == {"live", "a", "c", "d"}
+    assert ledger.available(pid, "USDC") == 0 and ledger.available(pid, "BTC") == 0
+    assert ledger.lock_many(pid, [], ttl_seconds=TTL) == []
+    with pytest.raises(ValueError):  # one bad request refuses the batch before anything is locked
+        ledger.lock_many(pid, [("e", "BTC", D("0.1")), ("f", "USDC", D("0"))], ttl_seconds=TTL)
+    assert "e" not in {lock.key for lock in ledger.locks(pid)}
+
+
 def test_relocking_a_live_key_is_idempotent(ledger: ShadowLedger, pid: str) -> None:
     ledger.sync_balances(pid, {"USDC": D("10")})
     assert ledger.lock(pid, "k", "USDC", D("6"), ttl_seconds=TTL)

@@ -9,7 +9,7 @@ contract test suite runs the same assertions against each of them.
 from __future__ import annotations
 
 import decimal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -85,6 +85,18 @@ class ShadowLedger(Protocol):
         fence: int | None = None,
     ) -> bool:
         """Atomically set `amount` aside under `key`; True if granted or already granted/committed."""
+        ...
+
+    def lock_many(
+        self,
+        portfolio_id: str,
+        requests: Sequence[tuple[str, str, Decimal]],
+        *,
+        ttl_seconds: float,
+        fence: int | None = None,
+    ) -> list[bool]:
+        """`lock` for each (key, asset, amount), in order, in one atomic step (one round trip for a group of
+        orders): each request sees the ones granted before it; one answer per request, as `lock` gives it."""
         ...
 
     def commit(

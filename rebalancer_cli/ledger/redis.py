@@ -10,7 +10,7 @@ uses the server's clock (`TIME`), so instances with skewed clocks agree on which
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -125,12 +125,15 @@ class RedisLedger:
             result = self._scripts[script](keys=keys, args=args)
         status, detail = str(result[0]), str(result[1])
         if status == "fenced":
-            token = args[0]
-            raise LeaseLostError(
-                f"portfolio {portfolio_id}: fencing token {token} is older than {detail}; "
-                "this instance lost its lease and may not write"
-            )
+            self._fenced(portfolio_id, args[0], detail)
         return [status, detail]
+
+    @staticmethod
+    def _fenced(portfolio_id: str, token: str, highest: str) -> None:
+        raise LeaseLostError(
+            f"portfolio {portfolio_id}: fencing token {token} is older than {highest}; "
+            "this instance lost its lease and may not write"
+        )
 
     # --- holdings ---------------------------------------------------------------------------------
 
@@ -177,14 +180,30 @@ class RedisLedger:
         ttl_seconds: float,
         fence: int | None = None,
     ) -> bool:
-        check_name(key, "key")
-        check_name(asset, "asset")
-        text = lock_amount_text(amount)
+        return self.lock_many(portfolio_id, [(key, asset, amount)], ttl_seconds=ttl_seconds, fence=fence)[0]
+
+    def lock_many(
+        self,
+        portfolio_id: str,
+        requests: Sequence[tuple[str, str, Decimal]],
+        *,
+        ttl_seconds: float,
+        fence: int | None = None,
+    ) -> list[bool]:
         check_ttl(ttl_seconds)
-        ttl_ms = max(1, math.ceil(ttl_seconds * 1000))
-        args = [_fence_arg(fence), key, asset, text, str(ttl_ms)]
-        status, _ = self._run(portfolio_id, "lock", self._lock_keys(portfolio_id), args)
-        return status != "refused"
+        args = [_fence_arg(fence), str(max(1, math.ceil(ttl_seconds * 1000)))]
+        for key, asset, amount in requests:
+            check_name(key, "key")
+            check_name(asset, "asset")
+            args += [key, asset, lock_amount_text(amount)]
+        if not requests:
+            return []
+        keys = self._lock_keys(portfolio_id)
+        with self._guard():
+            result = [str(r) for r in self._scripts["lock"](keys=keys, args=args)]
+        if result[0] == "fenced":
+            self._fenced(portfolio_id, args[0], result[1])
+        return [status != "refused" for status in result[1:]]
 
     def commit(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -205,26 +205,36 @@ class SQLiteLedger:
         ttl_seconds: float,
         fence: int | None = None,
     ) -> bool:
-        check_portfolio(portfolio_id)
-        check_name(key, "key")
-        check_name(asset, "asset")
-        text = lock_amount_text(amount)
-        check_ttl(ttl_seconds)
+        return self.lock_many(portfolio_id, [(key, asset, amount)], ttl_seconds=ttl_seconds, fence=fence)[0]
 
-        def run(conn: sqlite3.Connection) -> bool:
-            self._check_fence(conn, portfolio_id, fence)
+    def lock_many(
+        self,
+        portfolio_id: str,
+        requests: Sequence[tuple[str, str, Decimal]],
+        *,
+        ttl_seconds: float,
+        fence: int | None = None,
+    ) -> list[bool]:
+        check_portfolio(portfolio_id)
+        checked = []
+        for key, asset, amount in requests:
+            check_name(key, "key")
+            check_name(asset, "asset")
+            checked.append((key, asset, lock_amount_text(amount)))
+        check_ttl(ttl_seconds)
+        if not checked:
+            return []
+
+        def one(conn: sqlite3.Connection, key: str, asset: str, text: str, now: float) -> bool:
             if conn.execute(
                 "SELECT 1 FROM committed WHERE portfolio_id = ? AND key = ?", (portfolio_id, key)
             ).fetchone():
                 return True
-            # The clock is read inside the write lock, so expiry decisions are ordered like the writes.
-            now = time.time()
             if conn.execute(
                 "SELECT 1 FROM locks WHERE portfolio_id = ? AND key = ? AND expires_at > ?",
                 (portfolio_id, key, now),
             ).fetchone():
                 return True
-            conn.execute("DELETE FROM locks WHERE portfolio_id = ? AND expires_at <= ?", (portfolio_id, now))
             if self._available(conn, portfolio_id, asset, now) < Decimal(text):
                 return False
             conn.execute(
@@ -232,6 +242,13 @@ class SQLiteLedger:
                 (portfolio_id, key, asset, text, now + float(ttl_seconds)),
             )
             return True
+
+        def run(conn: sqlite3.Connection) -> list[bool]:
+            self._check_fence(conn, portfolio_id, fence)
+            # The clock is read inside the write lock, so expiry decisions are ordered like the writes.
+            now = time.time()
+            conn.execute("DELETE FROM locks WHERE portfolio_id = ? AND expires_at <= ?", (portfolio_id, now))
+            return [one(conn, key, asset, text, now) for key, asset, text in checked]
 
         return self._tx(run, write=True)
 
