@@ -294,7 +294,8 @@ class Executor:
         for o in report.outcomes:  # the live view shows the whole plan before the first order leaves
             self._emit(o)
         try:
-            self._execute(plan, snapshot, report, saved=saved_plan is not None)
+            with self.audit.sending():
+                self._execute(plan, snapshot, report, saved=saved_plan is not None)
         except BaseException as exc:
             # A store or the exchange failed mid-cycle: the outcomes still read "locked" or "sent", so the report's
             # status would say "done". Record the plan as interrupted (best effort: the original error is what the
@@ -539,7 +540,8 @@ class Executor:
         if not locked:
             return
         failpoints.hit("after_lock", quiesce=self._quiesce)
-        side_by_side(locked)
+        with self.exchange.batch(len(locked)):
+            side_by_side(locked)
 
     def _intent(
         self, plan: Plan, trade: Trade, outcome: OrderOutcome, amount: Decimal, *, saved: bool

@@ -35,6 +35,7 @@ from rebalancer_cli.exchange.breaker import BreakerState, CircuitBreaker
 from rebalancer_cli.exchange.ratelimit import (
     BINANCE_SPOT_WEIGHT_PER_MINUTE,
     LocalTokenBucket,
+    Prepaid,
     RateLimiter,
     RedisTokenBucket,
     bucket_for_exchange,
@@ -134,6 +135,69 @@ def test_penalize_blocks_every_caller_until_retry_after_then_refills_from_empty(
     bucket.acquire(1)
     # Waited out the penalty, then the one token it needed at 2 per second: nothing earned while banned.
     assert clock.now == pytest.approx(penalized_at + 5 + 0.5)
+
+
+class CountingBucket(LocalTokenBucket):
+    """The real bucket, counting the grants it is asked for (what a Redis bucket pays a round trip each)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.grants: list[float] = []
+
+    def acquire(self, cost: float = 1.0) -> None:
+        self.grants.append(cost)
+        super().acquire(cost)
+
+
+def _side_by_side(limiter: RateLimiter, n: int, cost: float = 1.0) -> None:
+    start = threading.Barrier(n)
+
+    def one() -> None:
+        start.wait()
+        limiter.acquire(cost)
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads)
+
+
+def test_requests_of_a_batch_take_their_tokens_in_one_grant_and_never_more_than_granted() -> None:
+    clock = FakeClock()
+    inner = CountingBucket(10, 1e-9, clock, clock.sleep)
+    limiter = Prepaid(inner)
+    with limiter.batch(3):
+        _side_by_side(limiter, 3, 2.0)
+    assert inner.grants == [6.0]  # three requests of weight 2: one grant of 6
+    assert inner.remaining() == pytest.approx(4)
+    with limiter.batch(3):
+        _side_by_side(limiter, 4)  # one more than announced asks on its own
+    assert sorted(inner.grants[1:]) == [1.0, 3.0] and inner.remaining() == pytest.approx(0)
+    with limiter.batch(2), pytest.raises(RateLimitedError):  # nothing left: the bucket still decides
+        limiter.acquire(1)
+
+
+def test_credit_is_dropped_by_a_penalty_and_when_the_batch_closes() -> None:
+    clock = FakeClock()
+    inner = CountingBucket(10, 1, clock, clock.sleep, max_wait=0.5)
+    limiter = Prepaid(inner)
+    with limiter.batch(3):
+        limiter.acquire(1)  # takes 3: the two others' credit
+        limiter.penalize(5)  # Retry-After: nothing more may leave on tokens taken before it
+        with pytest.raises(RateLimitedError):
+            limiter.acquire(1)
+    clock.now += 10
+    with limiter.batch(4):
+        limiter.acquire(1)
+    before = len(inner.grants)
+    limiter.acquire(1)  # the batch closed with credit for 3: dropped, this one asks the bucket
+    assert len(inner.grants) == before + 1
+    clock.now += 10
+    with limiter.batch(30):  # a grant above the bucket's capacity could never come: each asks alone
+        limiter.acquire(1)
+    assert inner.grants[-1] == 1.0
 
 
 def test_penalize_holds_back_other_threads_sharing_the_bucket() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from rebalancer_cli.audit.base import Fill, OrderIntent, OrderStatus
 from rebalancer_cli.audit.sqlite import SqliteAuditStore
-from rebalancer_cli.audit.writebehind import WriteBehindAudit
+from rebalancer_cli.audit.writebehind import HOLD_SECONDS, WriteBehindAudit
 from rebalancer_cli.errors import StoreError
 from rebalancer_cli.ids import new_key
 
@@ -78,3 +79,47 @@ def test_one_portfolios_failed_write_is_raised_in_that_portfolio_only(tmp_path: 
         a.flush()
     a.flush()  # raised once, then the portfolio goes on
     shared.close()
+
+
+def _written(path: Path, portfolio: str) -> list[str]:
+    """What another connection sees in the store's file: what the writer really wrote so far."""
+    other = SqliteAuditStore(path)
+    try:
+        return [kind for _, kind, _ in other.events(portfolio)]
+    finally:
+        other.close()
+
+
+def test_writes_wait_while_orders_are_sending_and_a_read_inside_still_sees_them(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite3"
+    store = SqliteAuditStore(path)
+    store.migrate()
+    audit = WriteBehindAudit(store)
+    with audit.sending():
+        audit.record_event("p", "first", {}, datetime.now(UTC))
+        time.sleep(0.1)
+        assert _written(path, "p") == []  # held: the sends have the interpreter to themselves
+        assert [kind for _, kind, _ in audit.events("p")] == ["first"]  # a read lifts the hold for itself
+        audit.record_event("p", "second", {}, datetime.now(UTC))
+        time.sleep(0.1)
+        assert _written(path, "p") == ["first"]
+    audit.flush()
+    assert _written(path, "p") == ["second", "first"]  # newest first
+    audit.close()
+
+
+def test_a_hold_is_bounded_however_many_sends_follow_one_another(tmp_path: Path) -> None:
+    path = tmp_path / "d.sqlite3"
+    store = SqliteAuditStore(path)
+    store.migrate()
+    audit = WriteBehindAudit(store)
+    began = time.monotonic()
+    with audit.sending():
+        audit.record_event("p", "held", {}, datetime.now(UTC))
+        with audit.scoped("q").sending():  # another portfolio's sends, chained onto the first
+            while not _written(path, "p") and time.monotonic() - began < 5:
+                time.sleep(0.02)
+            waited = time.monotonic() - began
+    assert _written(path, "p") == ["held"]
+    assert HOLD_SECONDS <= waited < HOLD_SECONDS + 1
+    audit.close()

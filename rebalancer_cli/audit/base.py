@@ -184,6 +184,12 @@ class AuditStore(Protocol):
         for the disk, as they can be derived again from the exchange (PostgreSQL: `synchronous_commit` off)."""
         ...
 
+    def sending(self) -> AbstractContextManager[None]:
+        """A scope in which orders are leaving and every millisecond counts: a store that writes in the
+        background holds those writes until it ends (or for a bounded time), so they do not compete with the
+        sends; a store that writes straight through has nothing to hold."""
+        ...
+
     def record_intents(self, intents: Sequence[OrderIntent]) -> list[bool]:
         """`record_intent` of each, in one transaction (one round trip for a group of orders that leave
         together): all are written or none, and each answer says whether that key was new."""

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from types import TracebackType
@@ -284,6 +284,9 @@ class PostgresAuditStore:
                 "run `rebalance db migrate`"
             )
         return StoreError(f"audit store {self._where} {what}: {_one_line(str(exc), self._secret)}")
+
+    def sending(self) -> AbstractContextManager[None]:
+        return nullcontext()  # writes straight through: nothing held
 
     @contextmanager
     def deferred(self) -> Iterator[None]:

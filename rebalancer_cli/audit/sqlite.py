@@ -504,6 +504,9 @@ class SqliteAuditStore:
         """One connection, `synchronous=FULL` for all (see the module's docstring): nothing to relax here."""
         return nullcontext()
 
+    def sending(self) -> AbstractContextManager[None]:
+        return nullcontext()
+
     def close(self) -> None:
         with self._mutex:
             self._conn.close()

@@ -14,10 +14,12 @@ object is one more scope of its own (what `execute` and the CLI use).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from decimal import Decimal
@@ -27,6 +29,10 @@ from ..errors import StoreError
 from .base import AuditStore, ExecutionRecord, Fill, OrderIntent, OrderRecord, OrderStatus
 
 _STOP = object()
+#: The longest `sending` holds the background writes back. A cycle's sends take milliseconds; with many
+#: portfolios sending in turn the holds could chain forever, and a queue held that long would fill and block
+#: the very senders that hold it: after this the writes go on, held or not.
+HOLD_SECONDS = 0.25
 
 
 class WriteBehindAudit:
@@ -37,6 +43,8 @@ class WriteBehindAudit:
         # failed background writes by scope, until raised there; shared by every scoped view
         self._errors: dict[str | None, BaseException] = {}
         self._errors_lock = threading.Lock()
+        # `sending` scopes open (shared by every scoped view), and `flush` calls waiting, which lift any hold
+        self._holds = _Holds()
         self._thread = threading.Thread(target=self._drain, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -49,6 +57,7 @@ class WriteBehindAudit:
     def _drain(self) -> None:
         while True:
             item = self._queue.get()
+            self._holds.wait_released(HOLD_SECONDS)
             try:
                 if item is _STOP:
                     return
@@ -78,8 +87,12 @@ class WriteBehindAudit:
             raise StoreError(f"audit write failed in the background: {type(error).__name__}: {error}") from error
 
     def flush(self) -> None:
-        self._queue.join()
+        with self._holds.lifted():
+            self._queue.join()
         self._raise_pending()
+
+    def sending(self) -> AbstractContextManager[None]:
+        return self._holds.held()
 
     # -- deferred writes ------------------------------------------------------------------------------
 
@@ -184,3 +197,48 @@ class WriteBehindAudit:
             self._queue.put(_STOP)
             self._thread.join(timeout=10)
             self.store.close()
+
+
+class _Holds:
+    """When the writer may write: not while a `sending` scope is open, unless a `flush` waits for it, or the
+    hold has lasted `HOLD_SECONDS`."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held = 0
+        self._lifted = 0
+        self._since = 0.0  # when the holds open now began (the first of them)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._cond:
+            if not self._held:
+                self._since = time.monotonic()
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._held -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def lifted(self) -> Iterator[None]:
+        with self._cond:
+            self._lifted += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._lifted -= 1
+
+    def wait_released(self, longest: float) -> None:
+        """Until no hold is open or one is lifted, and no longer than `longest` after the holds began (however
+        many followed one another since)."""
+        with self._cond:
+            while self._held and not self._lifted:
+                left = self._since + longest - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -114,5 +115,10 @@ class Exchange(Protocol):
         ...
 
     def cancel_order(self, market: str, client_order_id: str) -> None: ...
+
+    def batch(self, requests: int) -> AbstractContextManager[None]:
+        """The next `requests` requests are sent side by side (one endpoint): where a grant of the request
+        budget costs a round trip, they take theirs in one."""
+        ...
 
     def close(self) -> None: ...

@@ -64,7 +64,7 @@ from .base import FillInfo, OrderResult, Protection, Side, fees_by_currency
 from .breaker import CircuitBreaker
 from .feed import MarketFeed
 from .profiles import ExchangeProfile, profile_for
-from .ratelimit import RateLimiter
+from .ratelimit import Prepaid, RateLimiter
 from .retry import RetryPolicy, call_with_retry
 
 T = TypeVar("T")
@@ -185,7 +185,7 @@ class CcxtExchange:
         self.protection: Protection = self.profile.protection
         self.client = client
         self.calls: Counter[str] = Counter()
-        self.limiter = limiter
+        self.limiter = limiter if isinstance(limiter, Prepaid) else Prepaid(limiter)
         self.breaker = breaker
         self.retry = retry
         self._cache_dir = cache_dir
@@ -589,8 +589,9 @@ class CcxtExchange:
         else:
             provisional = Snapshot(taken_at=taken_at, balances=balances, markets=markets, locked=held)
             with_book = sorted(needs_book(config, provisional, state, now=taken_at))
-        # the books are independent requests: side by side, within the rate limit (each takes its tokens)
-        books = side_by_side([functools.partial(self._book, s) for s in with_book])
+        # the books are independent requests: side by side, within the rate limit (their tokens in one grant)
+        with self.limiter.batch(len(with_book)):
+            books = side_by_side([functools.partial(self._book, s) for s in with_book])
         for s, (bids, asks) in zip(with_book, books, strict=True):
             markets[s] = dataclasses.replace(markets[s], bids=bids, asks=asks)
         return Snapshot(
@@ -659,6 +660,9 @@ class CcxtExchange:
         if bids[0][0] >= asks[0][0]:
             raise ExchangeError(f"{self.id} sent a crossed {symbol} book: bid {bids[0][0]} >= ask {asks[0][0]}")
         return bids, asks
+
+    def batch(self, requests: int) -> contextlib.AbstractContextManager[None]:
+        return self.limiter.batch(requests)
 
     def _now_ns(self) -> int:
         frozen: int | None = getattr(self._frozen, "ns", None)

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -290,6 +290,9 @@ class PaperExchange:
         if order is None:
             raise OrderNotFoundError(f"paper exchange does not know order {client_order_id}")
         # market orders fill at once on paper: nothing is ever left open to cancel
+
+    def batch(self, requests: int) -> AbstractContextManager[None]:
+        return nullcontext()  # no request budget on paper
 
     def close(self) -> None:
         self._db.close()

@@ -12,10 +12,11 @@ all holders, and timestamps with the client's clock; a token bucket is one small
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from rebalancer_cli.errors import RateLimitedError, StoreError
@@ -55,6 +56,11 @@ class RateLimiter(Protocol):
 
     def remaining(self) -> float:
         """Tokens available now, for the `exchange_rate_limit_remaining` gauge."""
+        ...
+
+    @property
+    def capacity(self) -> float:
+        """The most one grant can take."""
         ...
 
 
@@ -273,6 +279,81 @@ class RedisTokenBucket:
 
     def remaining(self) -> float:
         return self._run("peek", 0.0)[2]
+
+
+class Prepaid:
+    """A rate limiter whose requests sent side by side take their tokens in one grant.
+
+    A shared (Redis) bucket costs a round trip per grant, on the path of every request: three books read side by
+    side paid three, one after the other in effect, since each thread waits for its own. Inside `batch(n)`, the
+    first request to ask takes the tokens of all `n` at its own cost each (requests of one batch hit one
+    endpoint, so they weigh the same), and the others spend that credit without asking. Nothing is ever sent on
+    tokens the bucket did not grant: a request that finds no credit asks the bucket as before; credit left when
+    the last batch closes is dropped (tokens taken early and never spent only make us slower); a penalty
+    (Retry-After) drops it at once, so nothing more leaves on it.
+    """
+
+    def __init__(self, inner: RateLimiter) -> None:
+        self.inner = inner
+        self._lock = threading.Condition()
+        self._open = 0  # batches open
+        self._pending = 0  # requests announced by open batches that have neither asked nor been paid for
+        self._credit = 0.0
+        self._granting = False  # a grant for several is on its way: the others wait for it, not the bucket
+
+    @contextlib.contextmanager
+    def batch(self, requests: int) -> Iterator[None]:
+        """The next `requests` requests go side by side."""
+        with self._lock:
+            self._open += 1
+            self._pending += max(0, requests)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._open -= 1
+                if self._open == 0:
+                    self._pending, self._credit = 0, 0.0
+
+    def acquire(self, cost: float = 1.0) -> None:
+        with self._lock:
+            while self._granting:
+                self._lock.wait()
+            if self._credit + _SLACK >= cost > 0:
+                self._credit = max(0.0, self._credit - cost)
+                return
+            ahead = self._pending
+            # a grant above the bucket's capacity could never be given: then each asks on its own
+            together = ahead > 1 and cost > 0 and cost * ahead <= self.inner.capacity
+            if together:
+                self._pending, self._granting = 0, True
+        if not together:
+            self.inner.acquire(cost)
+            return
+        granted = False
+        try:
+            self.inner.acquire(cost * ahead)
+            granted = True
+        finally:
+            with self._lock:
+                self._granting = False
+                if granted and self._open:
+                    self._credit += cost * (ahead - 1)
+                elif not granted:
+                    self._pending += ahead  # not taken: the others ask on their own
+                self._lock.notify_all()
+
+    def penalize(self, seconds: float) -> None:
+        with self._lock:
+            self._pending, self._credit = 0, 0.0
+        self.inner.penalize(seconds)
+
+    def remaining(self) -> float:
+        return self.inner.remaining()
+
+    @property
+    def capacity(self) -> float:
+        return self.inner.capacity
 
 
 def limit_per_minute_from_ccxt(rate_limit_ms: float) -> float:
