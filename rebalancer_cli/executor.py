@@ -42,7 +42,7 @@ from .errors import (
     StoreError,
 )
 from .exchange.base import Exchange, FillInfo, OrderResult, Side, fees_by_currency
-from .ledger.base import ShadowLedger
+from .ledger.base import Halt, ShadowLedger
 from .planner import Plan, PlannerState, Trade, round_down
 from .planner import plan as make_plan
 from .snapshot import Market, Snapshot
@@ -261,8 +261,8 @@ class Executor:
     # -- the cycle ------------------------------------------------------------------------------------------
 
     def run(self, *, saved_plan: Plan | None = None, plan_only: bool = False) -> ExecutionReport:
-        """Recover, snapshot, plan (or check a saved plan), execute, record. Raises HaltedError when halted."""
-        self.check_halt()
+        """Recover, snapshot, plan (or check a saved plan), execute, record. Raises HaltedError when halted
+        (`_read` checks it, before the snapshot)."""
         # a dry run only plans: settling earlier runs' orders is a writer's job, under the lease
         if plan_only:
             recovered: list[OrderOutcome] = []
@@ -322,8 +322,10 @@ class Executor:
         self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
         return report
 
-    def check_halt(self) -> None:
-        halt = self.ledger.halted(self.pid)
+    def check_halt(self, halt: Halt | Literal["read"] | None = "read") -> None:
+        """HaltedError when the portfolio is halted (`halt`: as just read with the memory; else read now)."""
+        if halt == "read":
+            halt = self.ledger.halted(self.pid)
         if halt is not None:
             raise HaltedError(
                 f"portfolio {self.pid} is halted since {halt.at:%Y-%m-%d %H:%M:%S}Z by {halt.by}: {halt.reason} "
@@ -969,8 +971,11 @@ class Executor:
     # -- recovery ----------------------------------------------------------------------------------------------
 
     def _read(self) -> tuple[PlannerState, Snapshot]:
-        """The planner's memory and the exchange's snapshot, as the plan reads them."""
-        state = PlannerState.from_json(self.ledger.get_memory(self.pid))
+        """The planner's memory and the exchange's snapshot, as the plan reads them; HaltedError first when the
+        portfolio is halted (read with the memory, in one round trip)."""
+        halt, memory = self.ledger.halt_and_memory(self.pid)
+        self.check_halt(halt)
+        state = PlannerState.from_json(memory)
         with span("snapshot", portfolio=self.pid, exchange=self.exchange.id):
             return state, self.exchange.fetch_snapshot(self.config, state)
 

@@ -102,6 +102,17 @@ def test_sync_unless_locked_leaves_holdings_while_an_order_is_in_flight(ledger: 
     assert ledger.balances(pid) == {"USDC": D("60")}
 
 
+def test_halt_and_memory_read_together_as_each_reads_alone(ledger: ShadowLedger, pid: str) -> None:
+    assert ledger.halt_and_memory(pid) == (None, None)
+    ledger.set_memory(pid, '{"BTC": {"armed": false}}')
+    ledger.halt(pid, "drill", "alice")
+    halt, memory = ledger.halt_and_memory(pid)
+    assert (halt, memory) == (ledger.halted(pid), ledger.get_memory(pid)) == (halt, '{"BTC": {"armed": false}}')
+    assert halt is not None and (halt.reason, halt.by) == ("drill", "alice")
+    ledger.resume(pid)
+    assert ledger.halt_and_memory(pid) == (None, '{"BTC": {"armed": false}}')
+
+
 def test_portfolios_do_not_share_funds(ledger: ShadowLedger, pid: str) -> None:
     other = f"{pid}-b"
     ledger.sync_balances(pid, {"USDC": D("10")})

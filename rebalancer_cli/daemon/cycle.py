@@ -355,11 +355,12 @@ class CycleRunner:
         if not isinstance(exchange, CcxtExchange):
             return None
         pid = config.portfolio_id
-        executor.check_halt()
+        ledger, audit = executor.ledger, executor.audit
+        halt, memory = ledger.halt_and_memory(pid)
+        executor.check_halt(halt)
         if executor.recover():
             return None
-        ledger, audit = executor.ledger, executor.audit
-        state = PlannerState.from_json(ledger.get_memory(pid))
+        state = PlannerState.from_json(memory)
         snapshot = exchange.fetch_snapshot(config, state, feed=self.feed(config))
         try:
             check_skew(config, snapshot)

@@ -76,6 +76,12 @@ def _fence_arg(fence: int | None) -> str:
     return "" if fence is None else str(fence)
 
 
+def _halt(raw: Mapping[str, str]) -> Halt | None:
+    if not raw:
+        return None
+    return Halt(raw.get("reason", ""), raw.get("by", ""), datetime.fromisoformat(raw["at"]))
+
+
 def _load_script(name: str) -> str:
     package = resources.files("rebalancer_cli.ledger")
     lib = package.joinpath("lib.lua").read_text(encoding="utf-8")
@@ -288,9 +294,19 @@ class RedisLedger:
     def halted(self, portfolio_id: str) -> Halt | None:
         key = self._key(portfolio_id, "halt")
         raw: dict[str, str] = self._call(lambda: self._client.hgetall(key))  # type: ignore[arg-type, return-value]
-        if not raw:
-            return None
-        return Halt(raw.get("reason", ""), raw.get("by", ""), datetime.fromisoformat(raw["at"]))
+        return _halt(raw)
+
+    def halt_and_memory(self, portfolio_id: str) -> tuple[Halt | None, str | None]:
+        halt, memory = self._key(portfolio_id, "halt"), self._key(portfolio_id, "memory")
+
+        def both() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)  # one slot (hash tag): also on a cluster
+            pipe.hgetall(halt)
+            pipe.get(memory)
+            return pipe.execute()
+
+        raw, value = self._call(both)
+        return _halt(raw), None if value is None else str(value)
 
     def get_memory(self, portfolio_id: str) -> str | None:
         key = self._key(portfolio_id, "memory")

@@ -418,6 +418,21 @@ class SQLiteLedger:
         )
         return None if row is None else Halt(str(row[0]), str(row[1]), datetime.fromisoformat(row[2]))
 
+    def halt_and_memory(self, portfolio_id: str) -> tuple[Halt | None, str | None]:
+        check_portfolio(portfolio_id)
+
+        def both(conn: sqlite3.Connection) -> tuple[Halt | None, str | None]:
+            halt = conn.execute(
+                "SELECT reason, halted_by, at FROM halts WHERE portfolio_id = ?", (portfolio_id,)
+            ).fetchone()
+            memory = conn.execute("SELECT value FROM memory WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
+            return (
+                None if halt is None else Halt(str(halt[0]), str(halt[1]), datetime.fromisoformat(halt[2])),
+                None if memory is None else str(memory[0]),
+            )
+
+        return self._tx(both, write=False)
+
     def get_memory(self, portfolio_id: str) -> str | None:
         check_portfolio(portfolio_id)
         row = self._tx(
