@@ -9,6 +9,7 @@ internal error on a read is retried; and absurd numbers from an exchange are its
 
 from __future__ import annotations
 
+import decimal
 import json
 import re
 import uuid
@@ -28,6 +29,8 @@ from exec_helpers import (
     write_config,
     write_snapshot,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from rebalancer_cli.config import load_config
 from rebalancer_cli.errors import (
@@ -197,6 +200,21 @@ def test_ordinary_numbers_stay_exact() -> None:
     assert str(to_decimal("1E+2")) == "100"
     assert str(to_decimal("9999999999999999999999999999.5")) == "9999999999999999999999999999.5"
     assert to_decimal(None) is None
+
+
+@given(
+    st.from_regex(r"-?[0-9]{1,12}(\.[0-9]{0,10})?", fullmatch=True)
+    | st.from_regex(r"-?[0-9]{1,6}(\.[0-9]{1,6})?[eE][-+]?[0-9]", fullmatch=True)
+    | st.from_regex(r"-?\.[0-9]{1,8}", fullmatch=True)
+)
+def test_every_number_text_reads_as_its_canonical_decimal_whatever_path_it_takes(text: str) -> None:
+    """The plain-digits shortcut (string work instead of normalize + quantize) gives the very Decimal the
+    general path gives: same digits, same exponent, so plans compare equal as text."""
+    expected = Decimal(text).normalize(decimal.Context(prec=80))
+    if expected.adjusted() > 0 and expected.as_tuple().exponent > 0:  # type: ignore[operator]
+        expected = expected.quantize(Decimal(1), context=decimal.Context(prec=80))
+    got = to_decimal(text)
+    assert got is not None and got.as_tuple() == expected.as_tuple() and str(got) == str(expected)
 
 
 def test_a_huge_amount_in_the_book_is_refused_with_the_field_named(tmp_path: Path, emu: Emulator) -> None:

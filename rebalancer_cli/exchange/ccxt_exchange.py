@@ -121,12 +121,14 @@ def to_decimal(value: Any, what: str = "value") -> Decimal | None:
     ):
         raise ExchangeError(f"exchange sent a {what} with more than {MAX_DIGITS} digits: {text[:40]!r}")
     if _PLAIN.fullmatch(text) is not None:
-        return d  # already canonical: no exponent, and no trailing zero after a point (most of a book)
+        # plain digits (most of a book; Binance pads them to 8 decimals): without the fraction's trailing zeros
+        # the text's Decimal is canonical already, and string work is cheaper than normalize + quantize
+        return Decimal(text.rstrip("0").rstrip(".")) if "." in text else d
     return canonical(d)
 
 
-# A number text whose Decimal is already canonical: digits, and a fraction that ends in a non-zero digit
-_PLAIN = re.compile(r"-?[0-9]+(?:\.[0-9]*[1-9])?")
+# Digits, with a fractional part or not, and no exponent
+_PLAIN = re.compile(r"-?[0-9]+(?:\.[0-9]*)?")
 
 
 def canonical(d: Decimal) -> Decimal:
