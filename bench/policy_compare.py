@@ -12,48 +12,87 @@ The rule: the default is the policy with the lowest L(gamma) at the config's ris
 scenarios as multiples of the original cost-adjusted rule's (each scenario counts once whatever its length),
 among the policies never worse than cost-adjusted in any scenario.
 
-cvxportfolio (the `bench` extra: pip install -e '.[bench]') runs `SinglePeriodOptimization` toward the same
-targets (benchmark = the target weights, risk = its FullCovariance of trailing returns times a risk setting,
-cost = the same fee + half spread per unit traded, in optimization and in its simulator) on the same prices
-through `cvxportfolio.UserProvidedMarketData` (nothing downloaded). A solve takes milliseconds, so by default
-it runs on the real daily closes and the volatile regime's hourly checks (`--cvx-all` runs it everywhere).
+The anchor (the `bench` extra: pip install -e '.[bench]'): cvxportfolio's `SinglePeriodOptimization` toward the
+same targets (benchmark = the target weights), run inside OUR replay, not in cvxportfolio's simulator. At every
+step of the scenario (from the same start, over the same period) it is given the replay's holdings at mid and
+the returns before the step: the rows `cvxportfolio.UserProvidedMarketData.serve(t)` hands a policy (the bench
+checks they are equal; nothing downloaded, no look-ahead: a return at t is held from t to t+1, so the newest it
+sees ends at the step's close). The trades it asks for (value per asset) are rounded down to the lot, dropped
+below the market's minimum notional (the live tool would not send them), sent sells first, and filled by the
+replay's own `_Run._fill`: paper_fill on the step's full synthetic book, fee + spread + impact, exactly as every
+policy's trades. Tracking error, cost, L, trades and median order then come from the same `BacktestResult` as
+the policies'. (The policy is initialised once and then asked with `values_in_time_recursive`, the call
+`Policy.execute` makes after re-compiling the problem and re-estimating everything from scratch, which it does
+at every call: too slow for 100,000 steps; the answers agree to the solver's tolerance.)
 
-    python bench/policy_compare.py [--seed 1] [--minute-days 90] [--no-cvx] [--cvx-all]
+Its optimizer knows the replay's cost shape: `TransactionCost(a, b, sigma, volume_hat)` with a = taker fee +
+half spread of the step's book, and the 3/2-power impact b sigma |x|^1.5 / sqrt(V) with b = 2/3 * SQRT_LAW_Y
+(an order walking a square-root-law book pays about two thirds of its last price's distance), sigma the
+replay's daily volatility (the one that widens the books, from the days before) scaled to a step, and V the
+volume the book's depth implies: fitted each day so that the predicted cost of a 100,000 order equals what
+paper_fill charges for it on that day's book. The bench prints, per scenario, the mean predicted and charged
+cost of an order of the anchor's median size and of 100,000.
+
+Its risk term is FullCovariance (trailing per-step returns) times m * gamma/2 * (steps in a day): m days of the
+covariance, so that a setting means the same at minute, hourly and daily checks (a single-period optimizer
+pays a correction's cost at once and counts its benefit for one step; m stands in for the days the correction
+lasts; at daily checks this is the per-step setting of before). m = 10, 100, 1000; the anchor's number is the
+best of them. It trades from the step with COVARIANCE_MIN_DAYS returns or a day of them, whichever is more
+(before that it holds the opening target weights).
+
+A step of the anchor takes about 3 ms (cvxportfolio's estimators and one solve), so at one-minute checks it
+runs on the first `--cvx-minute-days` days of each minute scenario, and the policies are run again on exactly
+that window for its table and goal line (labelled "first N d"); the hourly and daily scenarios are compared
+over their whole length. The runs go side by side on `--jobs` processes.
+
+    python bench/policy_compare.py [--seed 1] [--minute-days 90] [--cvx-minute-days 60] [--no-cvx] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
+import multiprocessing
 import statistics
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from decimal import Decimal
+from decimal import ROUND_DOWN, Decimal
 from pathlib import Path
 from typing import Any
 
 from rebalancer_cli.config import Config, load_config
-from rebalancer_cli.planner import NoTradeRegion
-from rebalancer_cli.simulation.books import BookModel, market_model
+from rebalancer_cli.exchange.paper import paper_fill
+from rebalancer_cli.simulation.books import SQRT_LAW_SIGMA, SQRT_LAW_Y, BookModel, market_model
 from rebalancer_cli.simulation.csvfile import load_prices
 from rebalancer_cli.simulation.generate import EXAMPLE_START_PRICES, REGIMES, generate_prices
 from rebalancer_cli.simulation.policies import BacktestPolicy
-from rebalancer_cli.simulation.replay import Replay, named_policies, run_backtest
-from rebalancer_cli.simulation.series import SECONDS_PER_YEAR, PriceSeries
-from rebalancer_cli.simulation.yardstick import certainty_equivalent_loss
+from rebalancer_cli.simulation.replay import (
+    COVARIANCE_MIN_DAYS,
+    DAY,
+    DEFAULT_INITIAL_VALUE,
+    BacktestResult,
+    Replay,
+    _Run,
+    named_policies,
+    run_backtest,
+)
+from rebalancer_cli.simulation.series import PriceSeries
+from rebalancer_cli.snapshot import Market
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = "cost-adjusted"
 START = datetime(2025, 1, 1, tzinfo=UTC)
-# cvxportfolio's risk term is gamma_cvx * (w - w*)' Sigma_step (w - w*), per step; gamma_cvx = m * gamma / 2 makes
-# it the yardstick's tracking term for m = 1, but a single-period optimizer pays the cost of a correction at once
-# and counts its benefit for one step only, so larger m stand in for the steps the correction lasts
+# the anchor's risk settings: m days of covariance times gamma/2 (see the docstring)
 CVX_RISK = (10.0, 100.0, 1000.0)
-# cvxportfolio solves one problem per step (about 7 ms a day step, several times that on long hourly
-# histories): by default it runs where issue 11 measured it, the real closes and the volatile regime hourly
-CVX_DEFAULT = ("real 1d", "shared 1d", "volatile 1h")
+# the 3/2-power impact's coefficient, and the order its depth-implied volume is fitted to
+CVX_B = 2 / 3 * float(SQRT_LAW_Y)
+CVX_FIT_NOTIONAL = Decimal(100_000)
+# at one-minute checks the anchor runs on the first days of the scenario (a solve a step; see the docstring)
+CVX_MINUTE_DAYS = 60
 # goals of issue 11
 REAL_GOAL = Decimal("0.45")
 GENERATED_GOAL = Decimal("0.25")
@@ -77,8 +116,18 @@ class Row:
     median_notional: Decimal
 
 
-def scenarios(seed: int, minute_days: int) -> list[tuple[str, str, PriceSeries]]:
-    """(short name, title, prices) of every scenario."""
+@dataclass
+class Scenario:
+    short: str
+    title: str
+    series: PriceSeries
+    main: bool  # in the summary, robustness and the rule (False: a window the anchor runs on)
+    cvx: bool  # the anchor runs on it
+    window_of: str | None = None  # the scenario this is the window of
+
+
+def scenarios(seed: int, minute_days: int, cvx_minute_days: int) -> list[Scenario]:
+    """Every scenario, and the windows of the minute ones that the anchor runs on."""
     out = []
     for regime in ("calm", "trending", "volatile"):
         for short, label, steps, step in (
@@ -93,19 +142,34 @@ def scenarios(seed: int, minute_days: int) -> list[tuple[str, str, PriceSeries]]
                 regime=REGIMES[regime],
                 start=START,
             )
-            out.append((short, label, series))
+            if step == 60 and cvx_minute_days < minute_days:
+                out.append(Scenario(short, label, series, main=True, cvx=False))
+                out.append(
+                    Scenario(
+                        f"{short}, first {cvx_minute_days}d",
+                        f"{regime}, 1-minute checks, first {cvx_minute_days} days of the {minute_days} "
+                        "(the window the anchor runs on)",
+                        series.slice(0, cvx_minute_days * 1440),
+                        main=False,
+                        cvx=True,
+                        window_of=short,
+                    )
+                )
+            else:
+                out.append(Scenario(short, label, series, main=True, cvx=True))
     example = ROOT / "examples" / "btc-eth-daily.csv"
-    out.append(("real 1d", "real BTC/ETH 2017-11-09 to 2025-07-04, daily checks", load_prices(example)))
+    out.append(
+        Scenario("real 1d", "real BTC/ETH 2017-11-09 to 2025-07-04, daily checks", load_prices(example), True, True)
+    )
     shared = ROOT.parent / "shared" / "data" / "btc-eth-daily.csv"
     if shared.exists() and shared.read_bytes() != example.read_bytes():
-        out.append(("shared 1d", f"real closes of {shared}, daily checks", load_prices(shared)))
+        out.append(Scenario("shared 1d", f"real closes of {shared}, daily checks", load_prices(shared), True, True))
     elif shared.exists():
         print(f"note: {shared} is byte-identical to {example}; run once", file=sys.stderr)
     return out
 
 
-def row(config: Config, replay: Replay, policy: BacktestPolicy) -> Row:
-    r = run_backtest(config, replay, policy=policy)
+def to_row(config: Config, r: BacktestResult) -> Row:
     main, one, twenty = (r.loss(g) for g in (config.risk_aversion, Decimal(1), Decimal(20)))
     notional = statistics.median(f.notional for f in r.fills) if r.fills else Decimal(0)
     return Row(
@@ -122,78 +186,242 @@ def row(config: Config, replay: Replay, policy: BacktestPolicy) -> Row:
     )
 
 
+# --- the tasks the processes share: set before the pool forks ----------------------------------------------
+
+CONFIG: Config | None = None
+SCENARIOS: dict[str, Scenario] = {}
+BOOKS: dict[str, BookModel] = {}
+
+
+def _config() -> Config:
+    assert CONFIG is not None
+    return CONFIG
+
+
+def policies_task(short: str, book: str) -> tuple[str, str, list[Row], dict[str, str], float]:
+    """The project's policies on one scenario and book (the second book: the robustness set only)."""
+    began = time.perf_counter()
+    config = _config()
+    series = SCENARIOS[short].series
+    policies = {n: p for n, p in named_policies(config, check_seconds=series.step_seconds).items() if n != "config"}
+    replay = Replay(config, series, book_model=BOOKS[book])
+    chosen = policies.values() if book == "sqrt-law" else [policies[n] for n in ROBUSTNESS]
+    rows = [to_row(config, run_backtest(config, replay, policy=p)) for p in chosen]
+    return short, book, rows, {n: p.description for n, p in policies.items()}, time.perf_counter() - began
+
+
+def cvx_task(short: str, risk_days: float) -> tuple[str, float, Row | str, str, float]:
+    """The anchor at one risk setting on one scenario: its row, and the cost check line."""
+    began = time.perf_counter()
+    try:
+        import cvxportfolio  # noqa: F401
+    except ImportError:
+        return short, risk_days, "cvxportfolio is not installed (pip install -e '.[bench]'): skipped", "", 0.0
+    warnings.filterwarnings("ignore")
+    logging.getLogger("cvxportfolio").setLevel(logging.ERROR)
+    config = _config()
+    series = SCENARIOS[short].series
+    replay = Replay(config, series, book_model=BOOKS["sqrt-law"])
+    model = cvx_model(config, replay)
+    placeholder = named_policies(config, check_seconds=series.step_seconds)[REFERENCE]
+    result = CvxRun(replay, model, risk_days, placeholder).run()
+    row = to_row(config, result)
+    typical, which = row.median_notional.quantize(Decimal(1)), "its median order"
+    if not row.trades:
+        typical, which = Decimal(1000), "it sent no order of 10 or more"
+    elif typical < 10:
+        which = f"its median order, {typical} USDC, is under 10: the check uses 1,000"
+        typical = Decimal(1000)
+    lines = []
+    for notional in (typical, CVX_FIT_NOTIONAL):
+        predicted, charged = cost_check(replay, model, notional)
+        lines.append(f"{notional:,.0f} USDC: predicted {predicted:.2f} bp, charged {charged:.2f} bp")
+    check = (
+        f"cost check ({row.policy}'s optimizer vs paper_fill, mean over the days, assets and sides): an order "
+        f"of {lines[0]} ({which}); of {lines[1]}"
+    )
+    return short, risk_days, row, check, time.perf_counter() - began
+
+
+def _run_task(task: tuple[str, str, Any]) -> tuple[str, Any]:
+    kind, short, arg = task
+    if kind == "policies":
+        return kind, policies_task(short, arg)
+    return kind, cvx_task(short, arg)
+
+
 # --- cvxportfolio -------------------------------------------------------------------------------------------
 
 
-def cvx_rows(config: Config, series: PriceSeries, replay: Replay, risks: tuple[float, ...]) -> list[Row] | str:
-    """cvxportfolio's SinglePeriodOptimization at each risk setting, judged by the same yardstick; a reason
-    string when cvxportfolio is not installed."""
-    try:
-        import cvxportfolio as cvx
-        import numpy as np
-        import pandas as pd
-    except ImportError:
-        return "cvxportfolio is not installed (pip install -e '.[bench]'): the anchor is skipped"
-    warnings.filterwarnings("ignore")
+@dataclass
+class CvxModel:
+    """What cvxportfolio is given for one scenario: the returns and prices (served to it by
+    `UserProvidedMarketData`, which hands the policy at time t only the returns before t), and the cost model of
+    the replay's own books, per step from the day's book (whose volatility comes from the days before)."""
+
+    market_data: Any
+    returns: Any  # per step, held from t to t+1, cash last
+    columns: Any  # the universe, cash last
+    calendar: Any
+    target: Any
+    a: Any  # fee + half spread, per step and asset
+    sigma: Any  # the replay's daily volatility, scaled to one step
+    volume: Any  # the depth-implied volume of one step: impact b sigma |x|^1.5 / sqrt(V) matches the book's
+    warmup: int
+    days: list[int]  # the first step of each UTC day
+
+
+def _charged(market: Market, side: str, notional: Decimal) -> tuple[Decimal, Decimal]:
+    """(what paper_fill charges, the filled notional at mid) for an order of about `notional` quote on `market`."""
+    amount = (notional / market.mid / market.amount_step).to_integral_value(ROUND_DOWN) * market.amount_step
+    fill = paper_fill(market, side, amount, base_free=amount * 2, quote_free=notional * 2)
+    fee = fill.fee if fill.fee_currency == market.quote else fill.fee * market.mid
+    at_mid = fill.filled * market.mid
+    return fee + abs(fill.cost - at_mid), at_mid
+
+
+def cvx_model(config: Config, replay: Replay) -> CvxModel:
+    import cvxportfolio as cvx
+    import numpy as np
+    import pandas as pd
+
+    series = replay.prices
     quote = config.quote_symbol
-    traded = [a.symbol for a in config.assets if a.symbol != quote]
-    index = pd.to_datetime([series.time(i) for i in range(len(series))])
-    prices = pd.DataFrame({s: [float(series.price(i, s)) for i in range(len(series))] for s in traded}, index=index)
+    traded = list(replay.traded)
+    n = len(series)
+    step = series.step_seconds or DAY
+    index = pd.to_datetime(list(series.timestamps), unit="s", utc=True)
+    prices = pd.DataFrame({s: replay.floats[s] for s in traded}, index=index)
     returns = prices.pct_change().shift(-1).iloc[:-1]  # period t's return, held from t to t+1
     returns[quote] = 0.0
-    target = pd.Series({a.symbol: float(a.target_weight) for a in config.assets})[list(returns.columns)]
-    # the same cost per unit traded as the no-trade region's k: fee + half spread of the replay's book
-    region = NoTradeRegion(config.risk_aversion, Decimal(series.step_seconds))
-    k = {s: float(region.cost_rate(replay.market(len(series) // 2, s, book=False), "buy")) for s in traded}
-    a = pd.Series({**k, quote: 0.0})[list(returns.columns)]
-    market = cvx.UserProvidedMarketData(
-        returns=returns, prices=prices.iloc[:-1], cash_key=quote, min_history=pd.Timedelta("0d")
+    days = [i for i in range(n) if i == 0 or series.timestamps[i] // DAY != series.timestamps[i - 1] // DAY]
+    per_day: dict[str, list[tuple[float, float, float]]] = {s: [] for s in traded}
+    for i in days:
+        for s in traded:
+            top = replay.market(i, s, book=False)
+            a = top.taker_fee + (top.asks[0][0] - top.bids[0][0]) / 2 / top.mid
+            vol = replay.volatility(i)[s]
+            sigma = float(vol if vol is not None else SQRT_LAW_SIGMA) * math.sqrt(step / DAY)
+            # the impact of the fit order, on the full book, both sides averaged
+            book = replay.market(i, s)
+            impact = Decimal(0)
+            for side in ("buy", "sell"):
+                cost, at_mid = _charged(book, side, CVX_FIT_NOTIONAL)
+                impact += (cost - a * at_mid) / 2
+            fit = float(CVX_FIT_NOTIONAL)
+            volume = (CVX_B * sigma * fit**1.5 / float(impact)) ** 2 if impact > 0 else 1e30
+            per_day[s].append((float(a), sigma, volume))
+    day_of = np.searchsorted(np.array(days), np.arange(n - 1), side="right") - 1
+
+    def frame(k: int) -> Any:
+        return pd.DataFrame({s: np.array([d[k] for d in per_day[s]])[day_of] for s in traded}, index=returns.index)
+
+    volume = frame(2)
+    market_data = cvx.UserProvidedMarketData(
+        returns=returns, volumes=volume, prices=prices.iloc[:-1], cash_key=quote, min_history=pd.Timedelta("0d")
     )
-    simulator = cvx.MarketSimulator(market_data=market, costs=[cvx.TransactionCost(a=a, b=None)])
-    start = index[min(len(index) - 2, 40 * max(1, 86_400 // series.step_seconds))]  # 40 days of history
-    value = 100_000.0
-    h0 = target * value
-    periods_per_year = SECONDS_PER_YEAR / series.step_seconds
-    out = []
-    for m in risks:
-        risk = m * float(config.risk_aversion) / 2
-        policy = cvx.SinglePeriodOptimization(
-            objective=-risk * cvx.FullCovariance() - cvx.TransactionCost(a=a, b=None), benchmark=target
+    target = pd.Series({a.symbol: float(a.target_weight) for a in config.assets})[list(returns.columns)]
+    calendar = market_data.trading_calendar()
+    assert len(calendar) == len(returns) == n - 1
+    for i in (1, (n - 1) // 2, n - 2):  # what the anchor is handed at step i is what serve(t) hands a policy
+        served, _, served_volumes, _, _ = market_data.serve(calendar[i])
+        assert served.equals(returns.iloc[:i]) and served_volumes.equals(volume.iloc[:i])
+    return CvxModel(
+        market_data=market_data,
+        returns=returns,
+        columns=returns.columns,
+        calendar=calendar,
+        target=target,
+        a=frame(0),
+        sigma=frame(1),
+        volume=volume,
+        warmup=max(COVARIANCE_MIN_DAYS, DAY // step),
+        days=days,
+    )
+
+
+class CvxRun(_Run):
+    """The replay with cvxportfolio deciding: at each step SinglePeriodOptimization is given the replay's
+    holdings at mid and the returns before the step, and each trade it asks for (value u per asset) is sent as
+    the live tool would send it: rounded down to the lot, not sent below the market's minimum notional, sells
+    first, filled by `_Run._fill` (paper_fill on the step's full synthetic book) exactly like a plan's trades.
+    Tracking error, cost and L then come from the same `BacktestResult` as every policy's."""
+
+    def __init__(self, replay: Replay, model: CvxModel, risk_days: float, placeholder: BacktestPolicy) -> None:
+        import cvxportfolio as cvx
+
+        name = f"cvxportfolio SPO risk {risk_days:g}d x gamma/2"
+        super().__init__(replay, replace(placeholder, name=name), DEFAULT_INITIAL_VALUE, False, None, None)
+        step = replay.prices.step_seconds or DAY
+        # the risk term counts one step's covariance: times the steps of `risk_days` days
+        risk = risk_days * float(replay.config.risk_aversion) / 2 * DAY / step
+        cost = cvx.TransactionCost(a=model.a, b=CVX_B, sigma=model.sigma, volume_hat=model.volume)
+        self.spo = cvx.SinglePeriodOptimization(objective=-risk * cvx.FullCovariance() - cost, benchmark=model.target)
+        self.spo.initialize_estimator_recursive(universe=model.columns, trading_calendar=model.calendar)
+        self.model = model
+        self._syms = list(replay.traded)
+
+    def _limits(self, i: int) -> tuple[list[float], list[float], list[int], list[float]]:
+        m = len(self._syms)  # no screen: cvxportfolio decides every step (prescreen=False)
+        return [math.inf] * m, [math.inf] * m, [0] * m, [-1.0] * m
+
+    def _step(self, i: int) -> bool:
+        import numpy as np
+        import pandas as pd
+
+        model = self.model
+        if i < model.warmup or i >= len(model.calendar):
+            return False  # too few returns for a covariance yet / the last close has no return after it
+        replay = self.replay
+        t = model.calendar[i]
+        # the rows before t: what `market_data.serve(t)` hands a policy (checked in `cvx_model`), without its
+        # universe mask, which scans the whole history at every step
+        past_returns = model.returns.iloc[:i]
+        h = np.array(
+            [float(self.balances[s]) * replay.floats[s][i] for s in self._syms] + [float(self.balances[replay.quote])]
         )
-        res = simulator.backtest(policy, start_time=start, h=h0)
-        held = res.h.iloc[: len(res.u)] + res.u
-        weights = held.div(held.sum(axis=1), axis=0)
-        diff = ((weights - target) * returns.loc[weights.index]).sum(axis=1)
-        te = float(np.std(diff.values, ddof=1)) * periods_per_year**0.5
-        cost = float(sum(c.sum() for c in res.costs.values()))
-        years = (weights.index[-1] - weights.index[0]).total_seconds() / SECONDS_PER_YEAR
-        trades = int((res.u[traded].abs() > 1.0).to_numpy().sum())
-        notionals = res.u[traded].abs().to_numpy().ravel()
-        notionals = notionals[notionals > 1.0]
-        args = {
-            "total_cost": Decimal(repr(cost)),
-            "years": Decimal(repr(years)),
-            "mean_value": Decimal(repr(float(res.v.mean()))),
-            "tracking_error": Decimal(repr(te)),
-        }
-        main, one, twenty = (
-            certainty_equivalent_loss(risk_aversion=g, **args) for g in (config.risk_aversion, Decimal(1), Decimal(20))
+        v = float(h.sum())
+        w = pd.Series(h / v, index=model.columns)
+        w_plus = self.spo.values_in_time_recursive(
+            t=t,
+            past_returns=past_returns,
+            past_volumes=model.volume.iloc[:i],
+            current_weights=w,
+            current_portfolio_value=v,
+            current_prices=None,
         )
-        out.append(
-            Row(
-                f"cvxportfolio SPO risk {m:g} x gamma/2",
-                main.total_bp,
-                main.cost_bp,
-                main.tracking_bp,
-                one.total_bp,
-                twenty.total_bp,
-                trades,
-                args["total_cost"],
-                args["tracking_error"],
-                Decimal(repr(float(np.median(notionals)))) if len(notionals) else Decimal(0),
-            )
-        )
-    return out
+        self.plans += 1
+        u = ((w_plus - w) * v).to_numpy()
+        filled = False
+        for k in sorted(range(len(self._syms)), key=lambda k: u[k] > 0):  # sells first
+            top = replay.market(i, self._syms[k], book=False)
+            lot = top.amount_step
+            amount = (Decimal(repr(abs(float(u[k])))) / top.mid / lot).to_integral_value(ROUND_DOWN) * lot
+            if amount <= 0 or amount * top.mid < top.min_notional:
+                continue  # below the exchange's minimum: the live tool would not send it
+            market = replay.market(i, self._syms[k])
+            filled = self._fill(i, market, "buy" if u[k] > 0 else "sell", amount) or filled
+        return filled
+
+
+def cost_check(replay: Replay, model: CvxModel, notional: Decimal) -> tuple[float, float]:
+    """Mean over the days and assets of (cvxportfolio's predicted cost, paper_fill's charged cost) in bp of an
+    order of `notional` quote, both sides."""
+    predicted, charged = [], []
+    step_rows = model.a.index
+    for i in model.days:
+        row_i = min(i, len(step_rows) - 1)
+        for s in replay.traded:
+            a = float(model.a[s].iloc[row_i])
+            sigma = float(model.sigma[s].iloc[row_i])
+            volume = float(model.volume[s].iloc[row_i])
+            book = replay.market(i, s)
+            for side in ("buy", "sell"):
+                cost, at_mid = _charged(book, side, notional)
+                x = float(at_mid)
+                predicted.append((a * x + CVX_B * sigma * x**1.5 / volume**0.5) / x)
+                charged.append(float(cost / at_mid))
+    return statistics.fmean(predicted) * 1e4, statistics.fmean(charged) * 1e4
 
 
 # --- tables -------------------------------------------------------------------------------------------------
@@ -217,52 +445,94 @@ def table(rows: list[Row], gamma: Decimal) -> list[str]:
 
 
 def main() -> int:
+    global CONFIG
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--minute-days", type=int, default=90)
+    parser.add_argument(
+        "--cvx-minute-days", type=int, default=CVX_MINUTE_DAYS, help="the anchor's window at one-minute checks"
+    )
     parser.add_argument("--no-cvx", action="store_true", help="skip the cvxportfolio anchor")
-    parser.add_argument("--cvx-all", action="store_true", help="run cvxportfolio on every scenario")
+    parser.add_argument("--cvx-all", action="store_true", help="(the default now: the anchor runs on every scenario)")
+    parser.add_argument("--jobs", type=int, default=2, help="processes run side by side")
     args = parser.parse_args()
 
-    config = load_config(ROOT / "examples" / "treasury.yaml")
+    CONFIG = config = load_config(ROOT / "examples" / "treasury.yaml")
     gamma = config.risk_aversion
-    books: dict[str, BookModel] = {"sqrt-law": market_model("sqrt-law"), "conservative": market_model("conservative")}
-    runs: dict[str, dict[str, list[Row]]] = {name: {} for name in books}
-    anchors: dict[str, list[Row] | str] = {}
-    titles: dict[str, str] = {}
-    descriptions: dict[str, str] = {}
+    BOOKS.update({"sqrt-law": market_model("sqrt-law"), "conservative": market_model("conservative")})
     began = time.perf_counter()
-    for short, label, series in scenarios(args.seed, args.minute_days):
-        titles[short] = label
-        policies = {n: p for n, p in named_policies(config, check_seconds=series.step_seconds).items() if n != "config"}
-        descriptions.update({n: p.description for n, p in policies.items()})
-        for book, model in books.items():
-            replay = Replay(config, series, book_model=model)
-            chosen = policies.values() if book == "sqrt-law" else [policies[n] for n in ROBUSTNESS]
-            runs[book][short] = [row(config, replay, p) for p in chosen]
-            print(f"... {label}, {book} book: {time.perf_counter() - began:.0f}s", file=sys.stderr)
+    cvx_days = min(args.cvx_minute_days, args.minute_days)
+    listed = scenarios(args.seed, args.minute_days, cvx_days)
+    SCENARIOS.update({s.short: s for s in listed})
+    tasks: list[tuple[str, str, Any]] = []
+    for s in listed:
+        for book in BOOKS if s.main else ("sqrt-law",):
+            tasks.append(("policies", s.short, book))
+        if s.cvx and not args.no_cvx:
+            tasks.extend(("cvx", s.short, m) for m in CVX_RISK)
+    # the longest first, so that the two processes finish together: a cvx step costs some 20 policy steps
+    tasks.sort(key=lambda t: -len(SCENARIOS[t[1]].series) * (20 if t[0] == "cvx" else 12 if t[2] == "sqrt-law" else 5))
+
+    runs: dict[str, dict[str, list[Row]]] = {name: {} for name in BOOKS}
+    anchors: dict[str, list[Row] | str] = {}
+    checks: dict[str, dict[float, str]] = {}
+    descriptions: dict[str, str] = {}
+    with multiprocessing.get_context("fork").Pool(max(1, args.jobs)) as pool:
+        for kind, out in pool.imap_unordered(_run_task, tasks):
+            if kind == "policies":
+                short, book, rows, described, seconds = out
+                runs[book][short] = rows
+                descriptions.update(described)
+                what = f"{book} book"
+            else:
+                short, m, cvx_row, check, seconds = out
+                if isinstance(cvx_row, str):
+                    anchors[short] = cvx_row
+                else:
+                    have = anchors.setdefault(short, [])
+                    if isinstance(have, list):
+                        have.append(cvx_row)
+                    checks.setdefault(short, {})[m] = check
+                what = f"cvxportfolio {m:g}d"
+            print(
+                f"... {SCENARIOS[short].title}, {what}: {seconds:.0f}s (at {time.perf_counter() - began:.0f}s)",
+                file=sys.stderr,
+            )
+    for s in listed:
         if args.no_cvx:
-            anchors[short] = "skipped (--no-cvx)"
-        elif short not in CVX_DEFAULT and not args.cvx_all:
-            anchors[short] = f"not run on these {len(series):,} steps (a solve per step; --cvx-all runs it)"
-        else:
-            anchors[short] = cvx_rows(config, series, Replay(config, series, book_model=books["sqrt-law"]), CVX_RISK)
-            print(f"... {label}, cvxportfolio: {time.perf_counter() - began:.0f}s", file=sys.stderr)
+            anchors[s.short] = "skipped (--no-cvx)"
+        elif not s.cvx:
+            anchors[s.short] = f"run on the first {cvx_days} days only: see the table of that window"
+        elif isinstance(anchors.get(s.short), list):
+            rows = anchors[s.short]
+            assert isinstance(rows, list)
+            rows.sort(key=lambda r: CVX_RISK.index(float(r.policy.split("risk ")[1].split("d")[0])))
 
     g = f"{gamma.normalize():f}"
     print("Policies:\n")
-    for name, text in descriptions.items():
-        print(f"- `{name}`: {text}")
-    main_runs = runs["sqrt-law"]
-    for short, rows in main_runs.items():
-        anchor = anchors[short]
-        print(f"\n#### {titles[short]} (sqrt-law book)\n")
+    order = next(iter(runs["sqrt-law"].values()))
+    for r in order:
+        print(f"- `{r.policy}`: {descriptions.get(r.policy, '')}")
+    if not args.no_cvx:
+        print(
+            "- `cvxportfolio SPO risk Md x gamma/2`: cvxportfolio's SinglePeriodOptimization driven by this replay, "
+            "filled on the same books (see the bench's docstring); risk = M days of covariance x gamma/2"
+        )
+    main_runs = {s.short: runs["sqrt-law"][s.short] for s in listed if s.main}
+    windows = [s for s in listed if not s.main]
+    for s in listed:
+        anchor = anchors[s.short]
+        rows = runs["sqrt-law"][s.short]
+        print(f"\n#### {s.title} (sqrt-law book)\n")
         print("\n".join(table(rows + (anchor if isinstance(anchor, list) else []), gamma)))
         if isinstance(anchor, str):
             print(f"\ncvxportfolio: {anchor}")
+        else:
+            top = min(anchor, key=lambda r: r.loss)
+            print(f"\n{checks[s.short][float(top.policy.split('risk ')[1].split('d')[0])]}")
 
     names = [r.policy for r in next(iter(main_runs.values()))]
-    ratios = {n: [] for n in names}  # type: dict[str, list[Decimal]]
+    ratios: dict[str, list[Decimal]] = {n: [] for n in names}
     for rows in main_runs.values():
         ref = next(r for r in rows if r.policy == REFERENCE)
         for r in rows:
@@ -285,28 +555,32 @@ def main() -> int:
     print("| --- | " + " | ".join("---:" for _ in main_runs) + " |")
     for n in ROBUSTNESS:
         cells = []
-        for s in main_runs:
-            a = next(r for r in runs["sqrt-law"][s] if r.policy == n)
-            b = next(r for r in runs["conservative"][s] if r.policy == n)
+        for short in main_runs:
+            a = next(r for r in runs["sqrt-law"][short] if r.policy == n)
+            b = next(r for r in runs["conservative"][short] if r.policy == n)
             cells.append(f"{a.loss:.1f} / {b.loss:.1f}")
         print(f"| {n} | " + " | ".join(cells) + " |")
-    for book in books:
-        order = {
-            s: [r.policy for r in sorted((r for r in rows if r.policy in ROBUSTNESS), key=lambda r: r.loss)]
-            for s, rows in runs[book].items()
+    for book in BOOKS:
+        firsts = {
+            short: min((r for r in runs[book][short] if r.policy in ROBUSTNESS), key=lambda r: r.loss).policy
+            for short in main_runs
         }
-        firsts = {s: o[0] for s, o in order.items()}
         print(f"- {book} book: first by L({g}) per scenario: " + ", ".join(f"{s} {p}" for s, p in firsts.items()))
 
     print(f"\n#### Goals for the default ({best})\n")
-    verdicts = goals(best, main_runs, anchors)
-    for line in verdicts:
+    window_rows = {w.window_of: (w.short, runs["sqrt-law"][w.short]) for w in windows if w.window_of}
+    for line in goals(best, main_runs, anchors, window_rows):
         print(f"- {line}")
     print(f"\n({time.perf_counter() - began:.0f}s)", file=sys.stderr)
     return 0
 
 
-def goals(best: str, runs: dict[str, list[Row]], anchors: dict[str, Any]) -> list[str]:
+def goals(
+    best: str,
+    runs: dict[str, list[Row]],
+    anchors: dict[str, Any],
+    windows: dict[str | None, tuple[str, list[Row]]],
+) -> list[str]:
     out = []
     for short, rows in runs.items():
         ref = next(r for r in rows if r.policy == REFERENCE)
@@ -317,14 +591,19 @@ def goals(best: str, runs: dict[str, list[Row]], anchors: dict[str, Any]) -> lis
             f"{short}: L {mine.loss:.1f} vs {ref.loss:.1f} = {ratio:.3f}x (goal <= {limit}x): {_met(ratio <= limit)}"
         )
         out.append(f"{short}: trades {mine.trades:,} vs {ref.trades:,}: {_met(mine.trades < ref.trades)}")
-        anchor = anchors[short]
+        name, rows_here = short, rows
+        if short in windows:
+            name, rows_here = windows[short]
+            mine = next(r for r in rows_here if r.policy == best)
+        anchor = anchors[name]
         if isinstance(anchor, list) and anchor:
             top = min(anchor, key=lambda r: r.loss)
             out.append(
-                f"{short}: below cvxportfolio's best ({top.policy}, {top.loss:.1f}): {_met(mine.loss < top.loss)}"
+                f"{name}: below cvxportfolio's best: L {mine.loss:.1f} vs its best {top.loss:.1f} ({top.policy}): "
+                f"{_met(mine.loss < top.loss)}"
             )
         else:
-            out.append(f"{short}: below cvxportfolio's best: not measured ({anchor})")
+            out.append(f"{name}: below cvxportfolio's best: not measured ({anchor})")
     return out
 
 

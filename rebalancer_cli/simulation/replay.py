@@ -720,48 +720,57 @@ class _Run:
             self.on_plan(PlanStep(i, snapshot, state, decided, books))
         executed: set[str] = set()
         for trade in decided.trades:
-            market = snapshot.markets[trade.market]
-            self.api_calls += 1
-            try:
-                fill = paper_fill(
-                    market,
-                    trade.side,
-                    trade.amount,
-                    base_free=self.balances.get(market.base, ZERO),
-                    quote_free=self.balances.get(market.quote, ZERO),
-                )
-            except (InvalidOrderError, InsufficientFundsError):
-                self.rejected += 1
-                continue
-            if not fill.filled:
-                continue
-            self.balances[market.base] = self.balances.get(market.base, ZERO) + fill.base_delta
-            self.balances[market.quote] = self.balances.get(market.quote, ZERO) + fill.quote_delta
-            fee_value = fill.fee if fill.fee_currency == market.quote else fill.fee * market.mid
-            slippage = abs(fill.cost - fill.filled * market.mid)
-            self.fees += fee_value
-            self.slippage += slippage
-            self.turnover += fill.cost
-            executed.add(trade.symbol)
-            self.fills.append(
-                FillRecord(
-                    step=i,
-                    at=now,
-                    symbol=trade.symbol,
-                    side=trade.side,
-                    amount=trade.amount,
-                    filled=fill.filled,
-                    notional=fill.cost,
-                    fee=fill.fee,
-                    fee_currency=fill.fee_currency,
-                    fee_value=fee_value,
-                    slippage=slippage,
-                )
-            )
+            if self._fill(i, snapshot.markets[trade.market], trade.side, trade.amount):
+                executed.add(trade.symbol)
         if executed:
             self.api_calls += AFTER_EXECUTION_CALLS
         self.state = state.after(decided, executed, now)
         return bool(executed)
+
+    def _fill(self, i: int, market: Market, side: str, amount: Decimal) -> bool:
+        """Send one order of step `i` to `market` as the live tool would (one request) and fill it on paper
+        with `paper_fill`: fee, spread and the walk of `market`'s book, the exchange's lot and minimum. An order
+        the paper exchange refuses counts as rejected. True when something filled; the fill is booked.
+
+        `_step` sends every trade of a plan through here; a subclass that decides its trades some other way
+        (the bench's cvxportfolio anchor) fills them through here too, so that they cost what a plan's would."""
+        self.api_calls += 1
+        try:
+            fill = paper_fill(
+                market,
+                side,
+                amount,
+                base_free=self.balances.get(market.base, ZERO),
+                quote_free=self.balances.get(market.quote, ZERO),
+            )
+        except (InvalidOrderError, InsufficientFundsError):
+            self.rejected += 1
+            return False
+        if not fill.filled:
+            return False
+        self.balances[market.base] = self.balances.get(market.base, ZERO) + fill.base_delta
+        self.balances[market.quote] = self.balances.get(market.quote, ZERO) + fill.quote_delta
+        fee_value = fill.fee if fill.fee_currency == market.quote else fill.fee * market.mid
+        slippage = abs(fill.cost - fill.filled * market.mid)
+        self.fees += fee_value
+        self.slippage += slippage
+        self.turnover += fill.cost
+        self.fills.append(
+            FillRecord(
+                step=i,
+                at=self.replay.prices.time(i),
+                symbol=market.base,
+                side=side,
+                amount=amount,
+                filled=fill.filled,
+                notional=fill.cost,
+                fee=fill.fee,
+                fee_currency=fill.fee_currency,
+                fee_value=fee_value,
+                slippage=slippage,
+            )
+        )
+        return True
 
 
 # --- reports: what the CLI renders ----------------------------------------------------------------------------
