@@ -200,6 +200,34 @@ def test_credit_is_dropped_by_a_penalty_and_when_the_batch_closes() -> None:
     assert inner.grants[-1] == 1.0
 
 
+def test_a_penalty_that_comes_while_a_batch_grant_is_on_its_way_leaves_no_credit() -> None:
+    on_its_way, answer = threading.Event(), threading.Event()
+
+    class SlowBucket(CountingBucket):
+        def acquire(self, cost: float = 1.0) -> None:
+            super().acquire(cost)
+            if cost > 1:  # the batch's grant, given, its answer held up like a slow Redis round trip
+                on_its_way.set()
+                answer.wait(5)
+
+    clock = FakeClock()
+    inner = SlowBucket(10, 1, clock, clock.sleep, max_wait=0.5)
+    limiter = Prepaid(inner)
+    with limiter.batch(3):
+        leader = threading.Thread(target=limiter.acquire)
+        leader.start()
+        assert on_its_way.wait(5)
+        penalty = threading.Thread(target=limiter.penalize, args=(5,))  # another request's 429, meanwhile
+        penalty.start()
+        time.sleep(0.05)
+        answer.set()
+        leader.join(5)
+        penalty.join(5)
+        with pytest.raises(RateLimitedError):  # no credit from the grant that predates the penalty
+            limiter.acquire(1)
+    assert inner.grants == [3.0, 1.0]
+
+
 def test_penalize_holds_back_other_threads_sharing_the_bucket() -> None:
     bucket = LocalTokenBucket(100, 100)
     penalized_at = time.monotonic()

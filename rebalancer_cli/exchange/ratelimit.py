@@ -300,6 +300,7 @@ class Prepaid:
         self._pending = 0  # requests announced by open batches that have neither asked nor been paid for
         self._credit = 0.0
         self._granting = False  # a grant for several is on its way: the others wait for it, not the bucket
+        self._penalties = 0  # penalties so far: a grant that was on its way during one adds no credit
 
     @contextlib.contextmanager
     def batch(self, requests: int) -> Iterator[None]:
@@ -327,6 +328,7 @@ class Prepaid:
             together = ahead > 1 and cost > 0 and cost * ahead <= self.inner.capacity
             if together:
                 self._pending, self._granting = 0, True
+                penalties = self._penalties
         if not together:
             self.inner.acquire(cost)
             return
@@ -337,7 +339,7 @@ class Prepaid:
         finally:
             with self._lock:
                 self._granting = False
-                if granted and self._open:
+                if granted and self._open and self._penalties == penalties:
                     self._credit += cost * (ahead - 1)
                 elif not granted:
                     self._pending += ahead  # not taken: the others ask on their own
@@ -346,6 +348,7 @@ class Prepaid:
     def penalize(self, seconds: float) -> None:
         with self._lock:
             self._pending, self._credit = 0, 0.0
+            self._penalties += 1
         self.inner.penalize(seconds)
 
     def remaining(self) -> float:
