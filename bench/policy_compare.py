@@ -567,10 +567,15 @@ def main() -> int:
         }
         print(f"- {book} book: first by L({g}) per scenario: " + ", ".join(f"{s} {p}" for s, p in firsts.items()))
 
-    print(f"\n#### Goals for the default ({best})\n")
     window_rows = {w.window_of: (w.short, runs["sqrt-law"][w.short]) for w in windows if w.window_of}
-    for line in goals(best, main_runs, anchors, window_rows):
-        print(f"- {line}")
+    # the rule's pick, and the policy a config gets when it names none (what ships), when the two differ
+    shipped = Config.model_fields["policy"].default.value
+    for name, title in ((best, "the rule's pick"), (shipped, "the shipped default")):
+        if name == best and title != "the rule's pick":
+            continue
+        print(f"\n#### Goals for {title} ({name})\n")
+        for line in goals(name, main_runs, anchors, window_rows):
+            print(f"- {line}")
     print(f"\n({time.perf_counter() - began:.0f}s)", file=sys.stderr)
     return 0
 
