@@ -162,9 +162,14 @@ def test_each_portfolio_cycles_on_its_own_interval_and_a_failing_one_backs_off_a
     fast, slow, broken = f"{unique_id}-fast", f"{unique_id}-slow", f"{unique_id}-broken"
     btc_config(tmp_path / "fast.yaml", fast, "market.json", interval=1)
     btc_config(tmp_path / "slow.yaml", slow, "market.json", interval=60)
-    # valid as a file, but its market is missing from the exchange: every cycle fails
+    # valid as a file, but its market is missing from the exchange: every cycle fails (only the interval line
+    # changes from 60 to 1: a random portfolio id may hold "60" too)
     (tmp_path / "broken.yaml").write_text(
-        (tmp_path / "slow.yaml").read_text().replace(slow, broken).replace("BTC", "XRP").replace("60", "1")
+        (tmp_path / "slow.yaml")
+        .read_text()
+        .replace(slow, broken)
+        .replace("BTC", "XRP")
+        .replace("interval: 60", "interval: 1")
     )
     instance = daemon(tmp_path)
     assert instance.run(max_seconds=3.5) == 0
