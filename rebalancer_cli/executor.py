@@ -322,10 +322,8 @@ class Executor:
         self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
         return report
 
-    def check_halt(self, halt: Halt | Literal["read"] | None = "read") -> None:
-        """HaltedError when the portfolio is halted (`halt`: as just read with the memory; else read now)."""
-        if halt == "read":
-            halt = self.ledger.halted(self.pid)
+    def check_halt(self, halt: Halt | None) -> None:
+        """HaltedError when the portfolio is halted (`halt`: as read with the memory, `halt_and_memory`)."""
         if halt is not None:
             raise HaltedError(
                 f"portfolio {self.pid} is halted since {halt.at:%Y-%m-%d %H:%M:%S}Z by {halt.by}: {halt.reason} "
@@ -527,7 +525,7 @@ class Executor:
                 # no audit write for the lock: the ledger holds it, and recovery treats a lock like an intent
                 outcome.status = "locked"
                 self._emit(outcome)
-                locked.append(functools.partial(self._order, trade, outcome, intent, worst, snapshot))
+                locked.append(functools.partial(self._order, trade, outcome, intent, worst))
                 continue
             reason = f"shadow ledger refused to lock {amount} {asset}: not available"
             self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=reason)
@@ -569,9 +567,7 @@ class Executor:
             created_at=self.clock(),
         )
 
-    def _order(
-        self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal, snapshot: Snapshot
-    ) -> None:
+    def _order(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal) -> None:
         try:
             with span("order", portfolio=self.pid, market=trade.market, side=trade.side, key=trade.idempotency_key):
                 self._one(trade, outcome, intent, worst)

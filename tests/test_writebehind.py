@@ -81,6 +81,13 @@ def test_one_portfolios_failed_write_is_raised_in_that_portfolio_only(tmp_path: 
     shared.close()
 
 
+def _write_behind(path: Path) -> WriteBehindAudit:
+    """A write-behind over a fresh, migrated SQLite store at `path` (another connection can read the file)."""
+    store = SqliteAuditStore(path)
+    store.migrate()
+    return WriteBehindAudit(store)
+
+
 def _written(path: Path, portfolio: str) -> list[str]:
     """What another connection sees in the store's file: what the writer really wrote so far."""
     other = SqliteAuditStore(path)
@@ -92,9 +99,7 @@ def _written(path: Path, portfolio: str) -> list[str]:
 
 def test_writes_wait_while_orders_are_sending_and_a_read_inside_still_sees_them(tmp_path: Path) -> None:
     path = tmp_path / "c.sqlite3"
-    store = SqliteAuditStore(path)
-    store.migrate()
-    audit = WriteBehindAudit(store)
+    audit = _write_behind(path)
     with audit.sending():
         audit.record_event("p", "first", {}, datetime.now(UTC))
         time.sleep(0.1)
@@ -110,9 +115,7 @@ def test_writes_wait_while_orders_are_sending_and_a_read_inside_still_sees_them(
 
 def test_a_hold_is_bounded_however_many_sends_follow_one_another(tmp_path: Path) -> None:
     path = tmp_path / "d.sqlite3"
-    store = SqliteAuditStore(path)
-    store.migrate()
-    audit = WriteBehindAudit(store)
+    audit = _write_behind(path)
     began = time.monotonic()
     with audit.sending():
         audit.record_event("p", "held", {}, datetime.now(UTC))

@@ -223,6 +223,16 @@ def lock_amount_text(amount: Decimal) -> str:
     return text
 
 
+def lock_requests(requests: Sequence[tuple[str, str, Decimal]]) -> list[tuple[str, str, str]]:
+    """`lock_many`'s (key, asset, amount) requests checked, amounts as canonical text; a bad one refuses all."""
+    out = []
+    for key, asset, amount in requests:
+        check_name(key, "key")
+        check_name(asset, "asset")
+        out.append((key, asset, lock_amount_text(amount)))
+    return out
+
+
 def movements(side: str, values: Mapping[str, Decimal]) -> list[tuple[str, str]]:
     """Validated (asset, canonical amount) pairs of one side of a fill; fills never move negative amounts."""
     out: list[tuple[str, str]] = []

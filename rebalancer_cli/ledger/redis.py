@@ -32,7 +32,7 @@ from rebalancer_cli.ledger.base import (
     check_name,
     check_portfolio,
     check_ttl,
-    lock_amount_text,
+    lock_requests,
     movements,
 )
 
@@ -198,10 +198,8 @@ class RedisLedger:
     ) -> list[bool]:
         check_ttl(ttl_seconds)
         args = [_fence_arg(fence), str(max(1, math.ceil(ttl_seconds * 1000)))]
-        for key, asset, amount in requests:
-            check_name(key, "key")
-            check_name(asset, "asset")
-            args += [key, asset, lock_amount_text(amount)]
+        for request in lock_requests(requests):
+            args += request
         if not requests:
             return []
         keys = self._lock_keys(portfolio_id)

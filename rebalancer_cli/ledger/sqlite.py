@@ -30,7 +30,7 @@ from rebalancer_cli.ledger.base import (
     check_name,
     check_portfolio,
     check_ttl,
-    lock_amount_text,
+    lock_requests,
     movements,
 )
 
@@ -216,11 +216,7 @@ class SQLiteLedger:
         fence: int | None = None,
     ) -> list[bool]:
         check_portfolio(portfolio_id)
-        checked = []
-        for key, asset, amount in requests:
-            check_name(key, "key")
-            check_name(asset, "asset")
-            checked.append((key, asset, lock_amount_text(amount)))
+        checked = lock_requests(requests)
         check_ttl(ttl_seconds)
         if not checked:
             return []
@@ -408,38 +404,27 @@ class SQLiteLedger:
             write=True,
         )
 
+    @staticmethod
+    def _halt(conn: sqlite3.Connection, portfolio_id: str) -> Halt | None:
+        row = conn.execute("SELECT reason, halted_by, at FROM halts WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
+        return None if row is None else Halt(str(row[0]), str(row[1]), datetime.fromisoformat(row[2]))
+
+    @staticmethod
+    def _memory(conn: sqlite3.Connection, portfolio_id: str) -> str | None:
+        row = conn.execute("SELECT value FROM memory WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
+        return None if row is None else str(row[0])
+
     def halted(self, portfolio_id: str) -> Halt | None:
         check_portfolio(portfolio_id)
-        row = self._tx(
-            lambda conn: conn.execute(
-                "SELECT reason, halted_by, at FROM halts WHERE portfolio_id = ?", (portfolio_id,)
-            ).fetchone(),
-            write=False,
-        )
-        return None if row is None else Halt(str(row[0]), str(row[1]), datetime.fromisoformat(row[2]))
+        return self._tx(lambda conn: self._halt(conn, portfolio_id), write=False)
 
     def halt_and_memory(self, portfolio_id: str) -> tuple[Halt | None, str | None]:
         check_portfolio(portfolio_id)
-
-        def both(conn: sqlite3.Connection) -> tuple[Halt | None, str | None]:
-            halt = conn.execute(
-                "SELECT reason, halted_by, at FROM halts WHERE portfolio_id = ?", (portfolio_id,)
-            ).fetchone()
-            memory = conn.execute("SELECT value FROM memory WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
-            return (
-                None if halt is None else Halt(str(halt[0]), str(halt[1]), datetime.fromisoformat(halt[2])),
-                None if memory is None else str(memory[0]),
-            )
-
-        return self._tx(both, write=False)
+        return self._tx(lambda conn: (self._halt(conn, portfolio_id), self._memory(conn, portfolio_id)), write=False)
 
     def get_memory(self, portfolio_id: str) -> str | None:
         check_portfolio(portfolio_id)
-        row = self._tx(
-            lambda conn: conn.execute("SELECT value FROM memory WHERE portfolio_id = ?", (portfolio_id,)).fetchone(),
-            write=False,
-        )
-        return None if row is None else str(row[0])
+        return self._tx(lambda conn: self._memory(conn, portfolio_id), write=False)
 
     def set_memory(self, portfolio_id: str, value: str, *, fence: int | None = None) -> None:
         check_portfolio(portfolio_id)
