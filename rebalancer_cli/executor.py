@@ -14,7 +14,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal
@@ -22,7 +22,7 @@ from typing import Any, Literal, cast
 
 from . import failpoints, killswitch
 from .audit.base import AuditStore, Fill, OrderIntent, OrderRecord, OrderStatus
-from .concurrency import side_by_side
+from .concurrency import Gather, side_by_side
 from .config import Config
 from .costs import DEFAULT_PRICE_BOUND, CostModel, worst_acceptable_price
 from .errors import (
@@ -42,7 +42,7 @@ from .errors import (
     StoreError,
 )
 from .exchange.base import Exchange, FillInfo, OrderResult, Side, fees_by_currency
-from .ledger.base import Halt, ShadowLedger
+from .ledger.base import Commit, Halt, SendCheck, ShadowLedger
 from .planner import Plan, PlannerState, Trade, round_down
 from .planner import plan as make_plan
 from .snapshot import Market, Snapshot
@@ -66,6 +66,9 @@ def _then_failpoint(mark_sent: Callable[[], None], quiesce: Callable[[], None]) 
     return before_send
 
 
+# how long the first order of a group to reach its send waits for the others' marks, to write them in one step
+# (they reach it within a fraction of a millisecond of each other; a late one is marked on its own)
+MARK_GATHER_SECONDS = 0.002
 # an order's average price is a quotient of the exchange's rounded totals: this much past the bound is rounding
 BOUND_TOLERANCE = Decimal("1e-9")
 # a fill this many times away from its estimate cannot be a market price (checked when no bound is known)
@@ -214,6 +217,21 @@ class ExecutionReport:
         }
 
 
+@dataclass
+class _Booked:
+    """An answer `Executor._book` recorded in the audit trail, waiting for the ledger (`Executor._apply`)."""
+
+    intent: OrderIntent
+    outcome: OrderOutcome
+    result: OrderResult
+    fills: list[FillInfo]
+    filled: Decimal
+    cost: Decimal
+    fees: dict[str, Decimal]
+    net: dict[str, Decimal]
+    synthesized: bool
+
+
 class Executor:
     def __init__(
         self,
@@ -257,6 +275,8 @@ class Executor:
         self._holdings_lock = threading.Lock()
         # set by an order of a group that found the circuit open: the rest of the cycle is skipped
         self._circuit_open: CircuitOpenError | None = None
+        # the "leaving" marks of the group being sent (`_send_group` makes one per group)
+        self._marks: Callable[[str], tuple[SendCheck, str, datetime]] = lambda key: self._begin_sends([key])[0]
 
     # -- the cycle ------------------------------------------------------------------------------------------
 
@@ -520,12 +540,13 @@ class Executor:
             fence=self.fence,
         )
         locked = []
+        answered: list[_Booked] = []  # the group's answers, each appended by its own thread
         for (trade, outcome, intent), worst, (asset, amount), ok in zip(prepared, worsts, needs, granted, strict=True):
             if ok:
                 # no audit write for the lock: the ledger holds it, and recovery treats a lock like an intent
                 outcome.status = "locked"
                 self._emit(outcome)
-                locked.append(functools.partial(self._order, trade, outcome, intent, worst))
+                locked.append(functools.partial(self._order, trade, outcome, intent, worst, answered))
                 continue
             reason = f"shadow ledger refused to lock {amount} {asset}: not available"
             self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=reason)
@@ -540,8 +561,18 @@ class Executor:
         if not locked:
             return
         failpoints.hit("after_lock", quiesce=self._quiesce)
-        with self.exchange.batch(len(locked)):
-            side_by_side(locked)
+        # the group's "leaving" marks in as few ledger round trips as the sends' timing allows
+        self._marks = Gather(self._begin_sends, expected=len(locked), wait=MARK_GATHER_SECONDS)
+        try:
+            with self.exchange.batch(len(locked)):
+                side_by_side(locked)
+        finally:
+            # every answer into the ledger in one step, in plan order, also when another order of the group
+            # failed (what did trade is booked now, not left to the next run's recovery)
+            order = {id(o): i for i, (_, o, _) in enumerate(prepared)}
+            if answered:
+                failpoints.hit("before_commit")  # the group's fills are in the audit trail, none in the ledger
+            self._apply(sorted(answered, key=lambda b: order[id(b.outcome)]))
 
     def _intent(
         self, plan: Plan, trade: Trade, outcome: OrderOutcome, amount: Decimal, *, saved: bool
@@ -567,10 +598,12 @@ class Executor:
             created_at=self.clock(),
         )
 
-    def _order(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal) -> None:
+    def _order(
+        self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal, group: list[_Booked]
+    ) -> None:
         try:
             with span("order", portfolio=self.pid, market=trade.market, side=trade.side, key=trade.idempotency_key):
-                self._one(trade, outcome, intent, worst)
+                self._one(trade, outcome, intent, worst, group)
         except CircuitOpenError as exc:
             outcome.status, outcome.reason = "unknown" if outcome.status == "sent" else "failed", str(exc)
             self._emit(outcome)
@@ -602,20 +635,23 @@ class Executor:
 
     # -- one order --------------------------------------------------------------------------------------------
 
-    def _one(self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal) -> None:
+    def _one(
+        self, trade: Trade, outcome: OrderOutcome, intent: OrderIntent, worst: Decimal, group: list[_Booked]
+    ) -> None:
         """One order's protocol once its intent is written and its funds are locked: the last checks, the send
-        at no worse than `worst`, the settlement."""
+        at no worse than `worst`, its fills booked in the audit trail; `group` gets what the ledger must apply
+        (`_send_group` applies a group's answers together)."""
         amount = intent.amount
         key = trade.idempotency_key
 
         def mark_sent() -> None:
             # Stamped after any rate-limit wait: recovery counts the exchange's receive window from this moment,
-            # so it must not be earlier than the request's signature. The fence, the kill switch and the lock are
-            # checked and the "leaving" mark is written in one atomic ledger step: a successor that took the lease
-            # after it finds the mark and waits out the settle window. The audit row's SENT is history only, so it
-            # is written behind.
-            at = self.clock()
-            check, detail = self.ledger.begin_send(self.pid, key, fence=self.fence, at=at)
+            # so it must not be earlier than the request's signature (frozen before this hook runs; the group's
+            # marks are stamped when the last of them is asked for, later still). The fence, the kill switch and
+            # the lock are checked and the "leaving" mark is written in one atomic ledger step: a successor that
+            # took the lease after it finds the mark and waits out the settle window. The audit row's SENT is
+            # history only, so it is written behind.
+            check, detail, at = self._marks(key)
             if check == "halted":
                 self._halted_by = detail
                 raise SendRefusedError(f"not sent: the portfolio was halted ({detail})")
@@ -659,7 +695,14 @@ class Executor:
             self._emit(outcome)
             return
         failpoints.hit("after_answer")
-        self.settle(intent, result, outcome, first_report=True)
+        booked = self._book(intent, result, outcome, first_report=True)
+        if isinstance(booked, _Booked):
+            group.append(booked)
+
+    def _begin_sends(self, keys: list[str]) -> list[tuple[SendCheck, str, datetime]]:
+        """`begin_send` for the keys of a group's orders about to leave, in one ledger step stamped now."""
+        at = self.clock()
+        return [(c, d, at) for c, d in self.ledger.begin_send_many(self.pid, keys, fence=self.fence, at=at)]
 
     def _known(self, key: str, outcome: OrderOutcome) -> bool:
         """An order under this key exists already (a saved plan run twice): never send it again from here.
@@ -809,6 +852,24 @@ class Executor:
 
         `first_report`: the answer to our own send in this run, so no fill of it can be recorded yet.
         """
+        booked = self._book(intent, result, outcome, first_report=first_report)
+        if isinstance(booked, OrderOutcome):
+            return booked
+        self._apply([booked])
+        return booked.outcome
+
+    def _book(
+        self,
+        intent: OrderIntent,
+        result: OrderResult,
+        outcome: OrderOutcome | None = None,
+        *,
+        first_report: bool = False,
+    ) -> _Booked | OrderOutcome:
+        """The first half of `settle`: the fills recorded in the audit trail (idempotent, keyed by trade id), and
+        what the ledger must then be told; or the outcome itself when there is nothing to apply (still open,
+        suspect). Nothing terminal is written here: the order's final status follows the ledger's commit, so
+        a crash in between leaves an order recovery settles, never a closed one whose lock still holds funds."""
         o = outcome or OrderOutcome(intent.key, intent.market.split("/")[0], intent.market, intent.side, intent.amount)
         if not result.is_final:
             # market orders should never rest; a live one is cancelled so nothing trades behind our back
@@ -871,27 +932,45 @@ class Executor:
             net[quote] = net.get(quote, ZERO) - sign * cost
         for ccy, fee in fees.items():
             net[ccy] = net.get(ccy, ZERO) - fee
-        debit = {a: -v for a, v in net.items() if v < 0}
-        credit = {a: v for a, v in net.items() if v > 0}
-        if filled > 0:
-            self.ledger.commit(self.pid, intent.key, debit=debit, credit=credit, fence=self.fence)
+        return _Booked(intent, o, result, fills, filled, cost, fees, net, synthesized)
+
+    def _apply(self, booked: Sequence[_Booked]) -> None:
+        """The second half of `settle`, for one order or a whole group: every fill into the ledger in one atomic
+        step (an order that filled nothing only gives its lock back), then each order's final status."""
+        filled = [b for b in booked if b.filled > 0]
+        if filled:
+            commits = [
+                Commit(
+                    b.intent.key,
+                    {a: -v for a, v in b.net.items() if v < 0},
+                    {a: v for a, v in b.net.items() if v > 0},
+                )
+                for b in filled
+            ]
+            self.ledger.commit_many(self.pid, commits, fence=self.fence)
             with self._holdings_lock:
                 if self._holdings is not None:
-                    for ccy, moved in net.items():
-                        self._holdings[ccy] = self._holdings.get(ccy, ZERO) + moved
-        else:
-            self.ledger.release(self.pid, intent.key, fence=self.fence)
+                    for b in filled:
+                        for ccy, moved in b.net.items():
+                            self._holdings[ccy] = self._holdings.get(ccy, ZERO) + moved
+        for b in booked:
+            if not b.filled:
+                self.ledger.release(self.pid, b.intent.key, fence=self.fence)
+            self._finish(b)
+
+    def _finish(self, b: _Booked) -> None:
+        intent, o, filled = b.intent, b.outcome, b.filled
         if filled == 0:
-            status, reason = OrderStatus.REJECTED, f"exchange filled nothing ({result.status})"
+            status, reason = OrderStatus.REJECTED, f"exchange filled nothing ({b.result.status})"
         elif filled < intent.amount:
-            status, reason = OrderStatus.FILLED, f"partially filled: {filled} of {intent.amount} ({result.status})"
+            status, reason = OrderStatus.FILLED, f"partially filled: {filled} of {intent.amount} ({b.result.status})"
         else:
             status, reason = OrderStatus.FILLED, None
         self.audit.update_order(
-            intent.key, status, at=self.clock(), exchange_order_id=result.exchange_order_id, reason=reason
+            intent.key, status, at=self.clock(), exchange_order_id=b.result.exchange_order_id, reason=reason
         )
-        o.filled, o.cost, o.fees = filled, cost, fees
-        o.avg_price = cost / filled if filled else None
+        o.filled, o.cost, o.fees = filled, b.cost, b.fees
+        o.avg_price = b.cost / filled if filled else None
         o.status = "rejected" if filled == 0 else ("partial" if filled < intent.amount else "filled")
         o.reason = reason or ""
         if o.avg_price is not None and o.est_price:
@@ -904,9 +983,8 @@ class Executor:
                     self.clock(),
                 )
         if filled > 0:
-            self._check_bound(intent, o, fills, synthesized)
+            self._check_bound(intent, o, b.fills, b.synthesized)
         self._emit(o)
-        return o
 
     def _check_bound(self, intent: OrderIntent, o: OrderOutcome, fills: list[FillInfo], synthesized: bool) -> None:
         """A fill beyond the order's worst acceptable price: booked (it happened), then the portfolio is halted,

@@ -35,7 +35,7 @@ from rebalancer_cli.testing.emulator import RemoteEmulator, binance_client
 # of the configs, so the exchange does execute it.
 ORDER_LATENCY_MS = 800
 DIE_AFTER_MS = 300
-FAILPOINTS = ["after_intent", "after_lock", f"during_send:{DIE_AFTER_MS}", "after_answer"]
+FAILPOINTS = ["after_intent", "after_lock", f"during_send:{DIE_AFTER_MS}", "after_answer", "before_commit"]
 BACKENDS = ["sqlite", "redis+postgres"]
 
 
@@ -95,7 +95,7 @@ def test_killed_at_each_step_the_next_run_finishes_without_trading_twice(
         assert list(recovered.values()) == ["filled"]  # found on the exchange by its key, booked once
     if failpoint.startswith("during_send"):
         assert not sent_before_death  # the process died while its order was still on the way
-    if failpoint == "after_answer":
+    if failpoint in ("after_answer", "before_commit"):
         assert set(recovered) == sent_before_death
     assert report["status"] == "done"
 

@@ -21,6 +21,7 @@ from redis_cluster_fixture import redis_cluster_url  # noqa: F401  (fixture)
 
 from rebalancer_cli.errors import InputError, LeaseLostError, StoreError
 from rebalancer_cli.ledger import Lock, RedisLedger, ShadowLedger, SQLiteLedger, open_ledger
+from rebalancer_cli.ledger.base import Commit
 
 D = Decimal
 BACKENDS = ["sqlite", "redis", "redis-cluster"]
@@ -230,6 +231,34 @@ def test_commit_applies_a_fill_once_and_drops_its_lock(ledger: ShadowLedger, pid
     assert ledger.balances(pid) == {"USDC": D("349.35"), "BTC": D("0.01")}
 
 
+def test_commit_many_applies_each_fill_once_in_one_step(ledger: ShadowLedger, pid: str) -> None:
+    ledger.sync_balances(pid, {"USDC": D("100"), "BTC": D("1"), "ETH": D("2")})
+    assert ledger.lock_many(
+        pid, [("s1", "BTC", D("0.5")), ("s2", "ETH", D("1")), ("b1", "USDC", D("10"))], ttl_seconds=TTL
+    ) == [True, True, True]
+    ledger.commit(pid, "s2", debit={"ETH": D("1")}, credit={"USDC": D("30")})  # settled before, by recovery
+    answers = ledger.commit_many(
+        pid,
+        [
+            Commit("s1", {"BTC": D("0.5")}, {"USDC": D("20.000000000000000001")}),
+            Commit("s2", {"ETH": D("1")}, {"USDC": D("30")}),  # committed already: changes nothing
+            Commit("b1", {"USDC": D("9.9")}, {"ETH": D("0.3")}),
+            Commit("s1", {"BTC": D("0.5")}, {"USDC": D("20")}),  # twice in one call: once only
+        ],
+    )
+    assert answers == [True, False, True, False]
+    assert ledger.balances(pid) == {
+        "BTC": D("0.5"),
+        "ETH": D("1.3"),
+        "USDC": D("100") + D("30") + D("20.000000000000000001") - D("9.9"),
+    }
+    assert ledger.locks(pid) == [] and all(ledger.is_committed(pid, k) for k in ("s1", "s2", "b1"))
+    assert ledger.commit_many(pid, []) == []
+    with pytest.raises(ValueError):  # one bad commit refuses them all before anything is written
+        ledger.commit_many(pid, [Commit("c1", {}, {"BTC": D("1")}), Commit("c2", {"BTC": D("-1")}, {})])
+    assert not ledger.is_committed(pid, "c1") and ledger.balances(pid)["BTC"] == D("0.5")
+
+
 def test_commit_works_without_a_live_lock(ledger: ShadowLedger, pid: str) -> None:
     ledger.sync_balances(pid, {"USDC": D("100")})
     assert ledger.lock(pid, "late", "USDC", D("50"), ttl_seconds=0.3)
@@ -385,6 +414,27 @@ def test_a_refused_begin_send_leaves_no_mark(ledger: ShadowLedger, pid: str) -> 
     assert mark is not None and before - timedelta(seconds=2) <= mark <= datetime.now(UTC) + timedelta(seconds=2)
 
 
+def test_begin_send_many_checks_and_marks_a_groups_orders_in_one_step(ledger: ShadowLedger, pid: str) -> None:
+    ledger.sync_balances(pid, {"USDC": D("10"), "BTC": D("1")})
+    assert ledger.lock_many(pid, [("a", "USDC", D("1")), ("b", "BTC", D("1"))], ttl_seconds=TTL) == [True, True]
+    ledger.halt(pid, "operator", "test")
+    assert ledger.begin_send_many(pid, ["a", "b"], fence=None) == [("halted", "operator")] * 2
+    ledger.resume(pid)
+    ledger.advance_fence(pid, 7)
+    with pytest.raises(LeaseLostError):
+        ledger.begin_send_many(pid, ["a", "b"], fence=6)
+    assert (ledger.sent_at(pid, "a"), ledger.sent_at(pid, "b")) == (None, None)
+    ledger.release(pid, "b")  # taken back (a successor's recovery): that one may not leave, the others may
+    at = datetime(2026, 12, 3, 12, 0, 0, 250000, tzinfo=UTC)
+    assert ledger.begin_send_many(pid, ["a", "b", "never"], fence=7, at=at) == [
+        ("ok", ""),
+        ("unlocked", ""),
+        ("unlocked", ""),
+    ]
+    assert (ledger.sent_at(pid, "a"), ledger.sent_at(pid, "b"), ledger.sent_at(pid, "never")) == (at, None, None)
+    assert ledger.begin_send_many(pid, [], fence=7) == []
+
+
 # --- fencing ---------------------------------------------------------------------------------------
 
 
@@ -397,6 +447,7 @@ def test_a_stale_lease_holder_cannot_write(ledger: ShadowLedger, pid: str) -> No
         lambda: ledger.sync_balances(pid, {"USDC": D("99")}, fence=stale),
         lambda: ledger.lock(pid, "new", "USDC", D("1"), ttl_seconds=TTL, fence=stale),
         lambda: ledger.commit(pid, "held", debit={"USDC": D("1")}, credit={"BTC": D("1")}, fence=stale),
+        lambda: ledger.commit_many(pid, [Commit("held", {"USDC": D("1")}, {"BTC": D("1")})], fence=stale),
         lambda: ledger.release(pid, "held", fence=stale),
         lambda: ledger.set_memory(pid, '{"x": 1}', fence=stale),
         lambda: ledger.advance_fence(pid, stale),

@@ -228,6 +228,67 @@ def test_a_penalty_that_comes_while_a_batch_grant_is_on_its_way_leaves_no_credit
     assert inner.grants == [3.0, 1.0]
 
 
+class ReservingCountingBucket(LocalTokenBucket):
+    """The real bucket, counting the tokens of each grant (`acquire` grants through `acquire_upto`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.grants: list[float] = []
+
+    def acquire_upto(self, cost: float, extra: float) -> float:
+        got = super().acquire_upto(cost, extra)
+        self.grants.append(got)
+        return got
+
+
+def test_a_reserve_serves_the_requests_that_follow_for_its_hold_and_never_past_it() -> None:
+    clock = FakeClock()
+    inner = ReservingCountingBucket(100, 1e-9, clock, clock.sleep, max_wait=0.5)
+    limiter = Prepaid(inner, hold_seconds=0.5, max_reserve=9, clock=clock)
+
+    def after(seconds: float, cost: float = 1.0) -> None:
+        clock.now += seconds
+        limiter.acquire(cost)
+
+    after(0)  # no demand seen yet: asks for itself only
+    after(0.01, 2)  # 1 asked in the last half second: takes 1 more
+    assert inner.grants == [1, 3]
+    after(0.01)  # spends the reserve without asking the bucket
+    after(0.01)  # none left: asks, taking as much more as the last half second asked for (4)
+    assert inner.grants == [1, 3, 5]
+    for _ in range(4):
+        after(0.01)
+    after(0.01)  # 9 asked before it: a reserve of 9 (the cap)
+    assert inner.grants == [1, 3, 5, 10]
+    after(0.5)  # past the reserve's hold: what is left (9) is dropped, never spent; no demand in the last 0.5 s
+    assert inner.grants == [1, 3, 5, 10, 1] and inner.remaining() == pytest.approx(80)
+    after(0.01)  # a new reserve of 1
+    assert inner.grants[-1] == 2
+    limiter.penalize(0.001)  # a Retry-After drops it at once: the next request asks the (emptied) bucket
+    with pytest.raises(RateLimitedError):
+        after(0.01)
+
+
+def test_with_a_reserve_every_minute_stays_within_the_exchange_limit() -> None:
+    """Tokens spent up to hold_seconds after their grant: the bucket's burst is smaller by that much."""
+    clock = FakeClock()
+    start = clock.now
+    limit = BINANCE_SPOT_WEIGHT_PER_MINUTE
+    hold = 0.5
+    bucket = bucket_for_exchange(limit, clock=clock, sleep=clock.sleep, hold_seconds=hold)
+    assert bucket.capacity == pytest.approx(1200 - 80 * hold)
+    limiter = Prepaid(bucket, hold_seconds=hold, max_reserve=0.05 * bucket.capacity, clock=clock)
+    rng = random.Random(5)
+    sent: list[tuple[float, float]] = []
+    while clock.now - start < 300:
+        cost = rng.choice([1.0, 2.0, 5.0, 10.0, 20.0])
+        limiter.acquire(cost)
+        sent.append((clock.now, cost))
+        if rng.random() < 0.3:  # idle spells, so reserves expire unspent, and bursts after them
+            clock.now += rng.choice([0.05, 0.49, 0.51, 3.0, 20.0])
+    assert max_in_window(sent, 60.0) <= limit + 1e-6
+
+
 def test_penalize_holds_back_other_threads_sharing_the_bucket() -> None:
     bucket = LocalTokenBucket(100, 100)
     penalized_at = time.monotonic()
@@ -381,6 +442,17 @@ def test_redis_bucket_refills_only_up_to_its_capacity(redis_url: str, unique_id:
     bucket.acquire(5)
     time.sleep(0.2)  # 20 tokens' worth of refill for a bucket that holds 5
     assert bucket.remaining() == 5
+
+
+@pytest.mark.services
+def test_redis_bucket_grants_a_reserve_only_from_what_it_holds(redis_url: str, unique_id: str) -> None:
+    bucket = RedisTokenBucket(redis.Redis.from_url(redis_url), rate_limit_key("x", unique_id), 10, 1e-6)
+    assert bucket.acquire_upto(2, 3) == pytest.approx(5)  # 10 there: the 2 asked for and the 3 more
+    assert bucket.acquire_upto(2, 30) == pytest.approx(5)  # 5 left: all of them, never more
+    assert bucket.remaining() == pytest.approx(0, abs=1e-3)
+    bucket.max_wait = 0.01
+    with pytest.raises(RateLimitedError):  # the reserve is never waited for, but the cost itself still is
+        bucket.acquire_upto(1, 0)
 
 
 def test_redis_bucket_unreachable_is_a_store_error() -> None:

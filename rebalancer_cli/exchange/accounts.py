@@ -19,7 +19,7 @@ from typing import Any
 
 from ..config import Config
 from .breaker import BreakerState, CircuitBreaker
-from .ratelimit import Prepaid, RateLimiter, bucket_for_exchange, limit_per_minute_from_ccxt, rate_limit_key
+from .ratelimit import RateLimiter, account_limiter, limit_per_minute_from_ccxt, rate_limit_key
 
 logger = logging.getLogger("rebalance")
 FAILURE_THRESHOLD = 5  # consecutive failures that open the circuit
@@ -88,13 +88,11 @@ class Accounts:
             from ..ledger.redis import connect  # redis only when configured
 
             redis_client = connect(config.redis_url)
-        limiter = Prepaid(
-            bucket_for_exchange(
-                per_minute if redis_client is not None else per_minute / self.share,
-                client=redis_client,
-                key=rate_limit_key(ex.id, account) if redis_client is not None else None,
-                max_cost=max_cost(client),
-            )
+        limiter = account_limiter(
+            per_minute if redis_client is not None else per_minute / self.share,
+            client=redis_client,
+            key=rate_limit_key(ex.id, account) if redis_client is not None else None,
+            max_cost=max_cost(client),
         )
         breaker = CircuitBreaker(
             ex.id,

@@ -16,8 +16,9 @@ import contextlib
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 from rebalancer_cli.errors import RateLimitedError, StoreError
 
@@ -118,30 +119,37 @@ class LocalTokenBucket:
             self._tokens = min(self.capacity, self._tokens + (now - start) * self.refill_per_second)
             self._stamp = now
 
-    def _take(self, cost: float) -> float:
-        """Grant and return 0.0, or return how long to wait before asking again."""
+    def _take(self, cost: float, extra: float = 0.0) -> tuple[float, float]:
+        """(0.0, tokens granted: `cost` and up to `extra` more if they are there), or (how long to wait
+        before asking again, 0.0)."""
         with self._lock:
             now = self._clock()
             if now < self._blocked_until:
-                return self._blocked_until - now
+                return self._blocked_until - now, 0.0
             self._refill(now)
             if self._tokens + _SLACK >= cost:
-                self._tokens = max(0.0, self._tokens - cost)
-                return 0.0
-            return (cost - self._tokens) / self.refill_per_second
+                granted = max(cost, min(self._tokens, cost + extra))
+                self._tokens = max(0.0, self._tokens - granted)
+                return 0.0, granted
+            return (cost - self._tokens) / self.refill_per_second, 0.0
 
     def try_acquire(self, cost: float = 1.0) -> bool:
         """Take `cost` tokens if they are there now; never blocks."""
         _check_cost(cost, self.capacity)
-        return self._take(cost) == 0.0
+        return self._take(cost)[0] == 0.0
 
     def acquire(self, cost: float = 1.0) -> None:
+        self.acquire_upto(cost, 0.0)
+
+    def acquire_upto(self, cost: float, extra: float) -> float:
+        """`acquire(cost)`, taking up to `extra` tokens more in the same grant where the bucket holds them (never
+        waiting for them); returns the tokens granted."""
         _check_cost(cost, self.capacity)
         waited = 0.0
         while True:
-            wait = self._take(cost)
+            wait, granted = self._take(cost, max(0.0, extra))
             if wait == 0.0:
-                return
+                return granted
             error = _too_long(wait, waited, self.max_wait)
             if error is not None:
                 raise error
@@ -167,7 +175,8 @@ class LocalTokenBucket:
 
 # One atomic step on server time, so processes on different hosts (and clock skews) agree.
 # KEYS[1]: the bucket hash. ARGV: op ('take' | 'peek' | 'penalize'), capacity, refill per second,
-# cost (take) or seconds (penalize). Returns {granted 0|1, seconds to wait, tokens left} as strings.
+# cost (take) or seconds (penalize), and for take the extra tokens it may have as well if they are there (0 when
+# absent). Returns {granted 0|1, seconds to wait, tokens left, tokens granted} as strings.
 _BUCKET_LUA = """
 local key = KEYS[1]
 local op = ARGV[1]
@@ -189,7 +198,9 @@ if now > start then
   tokens = math.min(capacity, tokens + (now - start) * rate)
   ts = now
 end
+local extra = tonumber(ARGV[5]) or 0
 local granted = 0
+local amount = 0
 local wait = 0
 if op == 'penalize' then
   tokens = 0
@@ -199,7 +210,8 @@ elseif now < blocked then
   wait = blocked - now
 elseif op == 'take' then
   if tokens + 1e-9 >= arg then
-    tokens = math.max(0, tokens - arg)
+    amount = math.max(arg, math.min(tokens, arg + math.max(0, extra)))
+    tokens = math.max(0, tokens - amount)
     granted = 1
   else
     wait = (arg - tokens) / rate
@@ -214,7 +226,7 @@ if op ~= 'peek' then
   local idle = (capacity - tokens) / rate + math.max(0, blocked - now)
   redis.call('PEXPIRE', key, math.ceil(idle * 1000) + 1000)
 end
-return {granted, string.format('%.17g', wait), string.format('%.17g', tokens)}
+return {granted, string.format('%.17g', wait), string.format('%.17g', tokens), string.format('%.17g', amount)}
 """
 
 
@@ -248,13 +260,13 @@ class RedisTokenBucket:
 
         self._redis_error: type[Exception] = redis.RedisError
 
-    def _run(self, op: str, arg: float) -> tuple[bool, float, float]:
-        args = [op, repr(self.capacity), repr(self.refill_per_second), repr(float(arg))]
+    def _run(self, op: str, arg: float, extra: float = 0.0) -> tuple[bool, float, float, float]:
+        args = [op, repr(self.capacity), repr(self.refill_per_second), repr(float(arg)), repr(float(extra))]
         try:
-            granted, wait, tokens = self._script(keys=[self.key], args=args, client=self._client)
+            granted, wait, tokens, amount = self._script(keys=[self.key], args=args, client=self._client)
         except self._redis_error as exc:
             raise StoreError(f"rate limiter: Redis failed for {self.key}: {exc}") from exc
-        return int(granted) == 1, float(wait), float(tokens)
+        return int(granted) == 1, float(wait), float(tokens), float(amount)
 
     def try_acquire(self, cost: float = 1.0) -> bool:
         """Take `cost` tokens if they are there now; never blocks."""
@@ -262,12 +274,17 @@ class RedisTokenBucket:
         return self._run("take", cost)[0]
 
     def acquire(self, cost: float = 1.0) -> None:
+        self.acquire_upto(cost, 0.0)
+
+    def acquire_upto(self, cost: float, extra: float) -> float:
+        """`acquire(cost)`, taking up to `extra` tokens more in the same grant where the bucket holds them (never
+        waiting for them); returns the tokens granted."""
         _check_cost(cost, self.capacity)
         waited = 0.0
         while True:
-            granted, wait, _ = self._run("take", cost)
+            granted, wait, _, amount = self._run("take", cost, max(0.0, extra))
             if granted:
-                return
+                return amount
             error = _too_long(wait, waited, self.max_wait)
             if error is not None:
                 raise error
@@ -281,19 +298,47 @@ class RedisTokenBucket:
         return self._run("peek", 0.0)[2]
 
 
-class Prepaid:
-    """A rate limiter whose requests sent side by side take their tokens in one grant.
+@runtime_checkable
+class Reserving(RateLimiter, Protocol):
+    """A bucket that can grant a little more than asked in the same grant (both buckets here)."""
 
-    A shared (Redis) bucket costs a round trip per grant, on the path of every request: three books read side by
-    side paid three, one after the other in effect, since each thread waits for its own. Inside `batch(n)`, the
-    first request to ask takes the tokens of all `n` at its own cost each (requests of one batch hit one
-    endpoint, so they weigh the same), and the others spend that credit without asking. Nothing is ever sent on
-    tokens the bucket did not grant: a request that finds no credit asks the bucket as before; credit left when
-    the last batch closes is dropped (tokens taken early and never spent only make us slower); a penalty
-    (Retry-After) drops it at once, so nothing more leaves on it.
+    def acquire_upto(self, cost: float, extra: float) -> float:
+        """`acquire(cost)`, plus up to `extra` more tokens where the bucket holds them now; the tokens granted."""
+        ...
+
+
+class Prepaid:
+    """A rate limiter that asks its bucket less often than it sends: a shared (Redis) bucket costs a round trip
+    per grant, on the path of every request.
+
+    Two kinds of credit, both spent before the bucket is asked again:
+
+    * A batch: inside `batch(n)`, the first request to ask takes the tokens of all `n` at its own cost each
+      (requests of one batch hit one endpoint, so they weigh the same), and the others spend that credit
+      without asking. Credit left when the last batch closes is dropped.
+    * A reserve (`hold_seconds` > 0, over a `Reserving` bucket): a grant also takes, where the bucket holds
+      them, as many tokens more as this process spent in the last `hold_seconds` (at most `max_reserve`), and
+      later requests spend them for `hold_seconds` after the grant was asked for; then what is left is dropped.
+      A daemon's or a benchmark's back-to-back cycles then ask the bucket about once per `hold_seconds`
+      instead of four times a cycle. The tokens were granted by the bucket, only spent up to `hold_seconds`
+      later, so in any window of W seconds what leaves is at most what the bucket granted in W +
+      `hold_seconds`: `bucket_for_exchange(hold_seconds=...)` takes that much off the bucket's burst, and the
+      exchange's limit holds exactly as before. Sized by recent demand, a reserve never dropped more tokens
+      than were spent in the window before it.
+
+    Nothing is ever sent on tokens the bucket did not grant: a request that finds no credit asks the bucket
+    (tokens taken early and never spent only make us slower); a penalty (Retry-After) drops every credit at
+    once, and a grant on its way when it came adds none, so nothing more leaves on tokens taken before it.
     """
 
-    def __init__(self, inner: RateLimiter) -> None:
+    def __init__(
+        self,
+        inner: RateLimiter,
+        *,
+        hold_seconds: float = 0.0,
+        max_reserve: float = 0.0,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.inner = inner
         self._lock = threading.Condition()
         self._open = 0  # batches open
@@ -301,6 +346,14 @@ class Prepaid:
         self._credit = 0.0
         self._granting = False  # a grant for several is on its way: the others wait for it, not the bucket
         self._penalties = 0  # penalties so far: a grant that was on its way during one adds no credit
+        reserving = hold_seconds > 0 and max_reserve > 0 and isinstance(inner, Reserving)
+        self.hold_seconds = hold_seconds if reserving else 0.0
+        self._max_reserve = max_reserve if reserving else 0.0
+        self._clock = clock
+        self._reserve = 0.0
+        self._reserve_until = -math.inf
+        self._spent: deque[tuple[float, float]] = deque()  # (when, cost) of the last hold_seconds' requests
+        self._spent_total = 0.0
 
     @contextlib.contextmanager
     def batch(self, requests: int) -> Iterator[None]:
@@ -316,38 +369,67 @@ class Prepaid:
                 if self._open == 0:
                     self._pending, self._credit = 0, 0.0
 
+    def _demand(self, now: float, cost: float) -> float:
+        """The tokens asked for in the last hold_seconds before this request (of `cost`, recorded at `now`)."""
+        if not self._max_reserve:
+            return 0.0
+        while self._spent and self._spent[0][0] <= now - self.hold_seconds:
+            self._spent_total -= self._spent.popleft()[1]
+        before = max(0.0, self._spent_total)
+        self._spent.append((now, cost))
+        self._spent_total += cost
+        return before
+
     def acquire(self, cost: float = 1.0) -> None:
         with self._lock:
             while self._granting:
                 self._lock.wait()
+            now = self._clock()
+            demand = self._demand(now, cost)
             if self._credit + _SLACK >= cost > 0:
                 self._credit = max(0.0, self._credit - cost)
+                return
+            if now >= self._reserve_until:
+                self._reserve = 0.0
+            if self._reserve + _SLACK >= cost > 0:
+                self._reserve = max(0.0, self._reserve - cost)
                 return
             ahead = self._pending
             # a grant above the bucket's capacity could never be given: then each asks on its own
             together = ahead > 1 and cost > 0 and cost * ahead <= self.inner.capacity
+            need = cost * ahead if together else cost
             if together:
-                self._pending, self._granting = 0, True
-                penalties = self._penalties
-        if not together:
+                self._pending = 0
+            extra = min(self._max_reserve, demand) if cost > 0 else 0.0
+            if not together and not extra:
+                ask: float | None = None  # nothing to share: ask the bucket as before, without the gate
+            else:
+                self._granting, ask, penalties = True, now, self._penalties
+        if ask is None:
             self.inner.acquire(cost)
             return
-        granted = False
+        granted = 0.0
         try:
-            self.inner.acquire(cost * ahead)
-            granted = True
+            if extra:
+                granted = cast(Reserving, self.inner).acquire_upto(need, extra)
+            else:
+                self.inner.acquire(need)
+                granted = need
         finally:
             with self._lock:
                 self._granting = False
-                if granted and self._open and self._penalties == penalties:
-                    self._credit += cost * (ahead - 1)
-                elif not granted:
+                if granted and self._penalties == penalties:
+                    if together and self._open:
+                        self._credit += need - cost
+                    if granted > need:  # counted from when it was asked for: it can only expire earlier
+                        self._reserve, self._reserve_until = granted - need, ask + self.hold_seconds
+                elif not granted and together:
                     self._pending += ahead  # not taken: the others ask on their own
                 self._lock.notify_all()
 
     def penalize(self, seconds: float) -> None:
         with self._lock:
-            self._pending, self._credit = 0, 0.0
+            self._pending, self._credit, self._reserve = 0, 0.0, 0.0
             self._penalties += 1
         self.inner.penalize(seconds)
 
@@ -376,13 +458,16 @@ def bucket_for_exchange(
     clock: Clock = time.monotonic,
     sleep: Sleep = time.sleep,
     max_wait: float | None = DEFAULT_MAX_WAIT,
+    hold_seconds: float = 0.0,
 ) -> LocalTokenBucket | RedisTokenBucket:
     """A bucket that refills at `fraction` of the exchange limit, with a burst no window can overspend.
 
     Exchanges count weight in fixed or sliding minutes. A bucket grants at most capacity + refill * 60 in
     any 60 seconds, so the burst capacity is the rest of the limit, (1 - fraction) * limit: even a burst
     right after a quiet spell keeps every minute within the exchange's limit, while the steady rate stays
-    at `fraction` of it. The capacity is raised to `max_cost` (the heaviest endpoint's weight) when the
+    at `fraction` of it. Tokens its users may spend up to `hold_seconds` after the grant (`Prepaid`'s reserve)
+    leave within 60 s what it granted in 60 + `hold_seconds`, so the burst is smaller by refill *
+    `hold_seconds`. The capacity is raised to `max_cost` (the heaviest endpoint's weight) when the
     limit is too small for that, else such a request could never be granted. With a Redis `client` (and
     `key`, see `rate_limit_key`) the bucket is shared by every process using that key.
     """
@@ -391,9 +476,36 @@ def bucket_for_exchange(
     if not (limit_per_minute > 0 and math.isfinite(limit_per_minute)):
         raise ValueError(f"limit_per_minute must be a positive finite number, not {limit_per_minute!r}")
     refill = limit_per_minute * fraction / 60.0
-    capacity = max(limit_per_minute * (1.0 - fraction), max_cost)
+    capacity = max(limit_per_minute * (1.0 - fraction) - refill * max(0.0, hold_seconds), max_cost)
     if client is None:
         return LocalTokenBucket(capacity, refill, clock, sleep, max_wait=max_wait)
     if key is None:
         raise ValueError("a shared (Redis) bucket needs a key, e.g. rate_limit_key('binance', account)")
     return RedisTokenBucket(client, key, capacity, refill, sleep=sleep, max_wait=max_wait)
+
+
+#: How long a shared bucket's reserve may be spent after its grant, and the most it may hold, as a share of the
+#: bucket: half a second of a process's own recent demand, at most 5% of the burst.
+RESERVE_HOLD_SECONDS = 0.5
+RESERVE_SHARE = 0.05
+
+
+def account_limiter(
+    limit_per_minute: float,
+    *,
+    client: redis.Redis | RedisCluster | None = None,
+    key: str | None = None,
+    max_cost: float = 1.0,
+    fraction: float = 0.8,
+) -> Prepaid:
+    """An account's limiter: its bucket (`bucket_for_exchange`) behind `Prepaid`. A shared bucket gets a reserve
+    (a round trip saved per request while a process keeps sending), its burst made smaller to pay for it; the
+    hold is shortened where the limit is too small to spare that (never below the heaviest request)."""
+    bucket_for_exchange(limit_per_minute, fraction, max_cost=max_cost)  # the arguments' checks, before any use
+    refill = limit_per_minute * fraction / 60.0
+    spare = limit_per_minute * (1.0 - fraction) - max_cost
+    hold = min(RESERVE_HOLD_SECONDS, max(0.0, spare / refill)) if client is not None else 0.0
+    bucket = bucket_for_exchange(
+        limit_per_minute, fraction, client=client, key=key, max_cost=max_cost, hold_seconds=hold
+    )
+    return Prepaid(bucket, hold_seconds=hold, max_reserve=RESERVE_SHARE * bucket.capacity)

@@ -42,6 +42,15 @@ class Lock:
 
 
 @dataclass(frozen=True)
+class Commit:
+    """One order's fill for `commit_many`: what it took out of the holdings and what it put in."""
+
+    key: str
+    debit: Mapping[str, Decimal]
+    credit: Mapping[str, Decimal]
+
+
+@dataclass(frozen=True)
 class Halt:
     """The kill switch of a portfolio: who pulled it, when, and why (shown to every instance)."""
 
@@ -111,6 +120,17 @@ class ShadowLedger(Protocol):
         """Apply a fill and drop its lock; False when `key` was committed before (nothing changes)."""
         ...
 
+    def commit_many(
+        self,
+        portfolio_id: str,
+        commits: Sequence[Commit],
+        *,
+        fence: int | None = None,
+    ) -> list[bool]:
+        """`commit` for each, in order, in one atomic step (one round trip for a group of orders' fills); one
+        answer per commit, as `commit` gives it. A bad one refuses them all before anything is written."""
+        ...
+
     def release(self, portfolio_id: str, key: str, *, fence: int | None = None) -> None: ...
 
     def locks(self, portfolio_id: str) -> list[Lock]: ...
@@ -128,6 +148,13 @@ class ShadowLedger(Protocol):
         this check finds the mark and waits out the exchange's window before calling the order absent. One
         durable write for both, where a separate "sent" write to the audit store would cost a round trip more
         per order."""
+        ...
+
+    def begin_send_many(
+        self, portfolio_id: str, keys: Sequence[str], *, fence: int | None, at: datetime | None = None
+    ) -> list[tuple[SendCheck, str]]:
+        """`begin_send` for each key in one atomic step (the orders of one group leaving side by side): one
+        answer per key, as `begin_send` gives it; the fence is checked once for all (LeaseLostError)."""
         ...
 
     def sent_at(self, portfolio_id: str, key: str) -> datetime | None:
@@ -230,6 +257,15 @@ def lock_requests(requests: Sequence[tuple[str, str, Decimal]]) -> list[tuple[st
         check_name(key, "key")
         check_name(asset, "asset")
         out.append((key, asset, lock_amount_text(amount)))
+    return out
+
+
+def commit_requests(commits: Sequence[Commit]) -> list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]]:
+    """`commit_many`'s commits checked: (key, debits, credits) as canonical text; a bad one refuses all."""
+    out = []
+    for c in commits:
+        check_name(c.key, "key")
+        out.append((c.key, movements("debit", c.debit), movements("credit", c.credit)))
     return out
 
 

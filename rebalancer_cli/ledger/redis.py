@@ -24,6 +24,7 @@ from redis.commands.core import Script
 
 from rebalancer_cli.errors import InputError, LeaseLostError, StoreError
 from rebalancer_cli.ledger.base import (
+    Commit,
     Halt,
     Lock,
     SendCheck,
@@ -32,8 +33,8 @@ from rebalancer_cli.ledger.base import (
     check_name,
     check_portfolio,
     check_ttl,
+    commit_requests,
     lock_requests,
-    movements,
 )
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
@@ -220,14 +221,21 @@ class RedisLedger:
     ) -> bool:
         """Return False when `key` was committed before, also by an earlier attempt of this very call whose
         reply was lost: either way the fill is in the holdings exactly once."""
-        check_name(key, "key")
-        debits = movements("debit", debit)
-        credits = movements("credit", credit)
-        args = [_fence_arg(fence), key, str(len(debits))]
-        for asset, text in debits + credits:
-            args += [asset, text]
-        status, _ = self._run(portfolio_id, "commit", self._lock_keys(portfolio_id), args)
-        return status == "committed"
+        return self.commit_many(portfolio_id, [Commit(key, debit, credit)], fence=fence)[0]
+
+    def commit_many(self, portfolio_id: str, commits: Sequence[Commit], *, fence: int | None = None) -> list[bool]:
+        args = [_fence_arg(fence)]
+        for key, debits, credits in commit_requests(commits):
+            args += [key, str(len(debits)), str(len(credits))]
+            for asset, text in debits + credits:
+                args += [asset, text]
+        if not commits:
+            return []
+        with self._guard():
+            result = [str(r) for r in self._scripts["commit"](keys=self._lock_keys(portfolio_id), args=args)]
+        if result[0] == "fenced":
+            self._fenced(portfolio_id, args[0], result[1])
+        return [status == "committed" for status in result[1:]]
 
     def release(self, portfolio_id: str, key: str, *, fence: int | None = None) -> None:
         check_name(key, "key")
@@ -254,13 +262,27 @@ class RedisLedger:
     def begin_send(
         self, portfolio_id: str, key: str, *, fence: int | None, at: datetime | None = None
     ) -> tuple[SendCheck, str]:
-        check_name(key, "key")
-        keys = [self._key(portfolio_id, n) for n in ("fence", "halt", "locks", "sent")]
+        return self.begin_send_many(portfolio_id, [key], fence=fence, at=at)[0]
+
+    def begin_send_many(
+        self, portfolio_id: str, keys: Sequence[str], *, fence: int | None, at: datetime | None = None
+    ) -> list[tuple[SendCheck, str]]:
+        for key in keys:
+            check_name(key, "key")
+        fence_arg = _fence_arg(fence)
+        if not keys:
+            return []
+        names = [self._key(portfolio_id, n) for n in ("fence", "halt", "locks", "sent")]
         stamp = "" if at is None else str(math.floor(at.timestamp() * 1000))
-        status, detail = self._run(portfolio_id, "begin_send", keys, [_fence_arg(fence), key, stamp])
-        if status not in ("ok", "halted", "unlocked"):
-            raise StoreError(f"Redis ledger answered {status!r} to begin_send")
-        return cast(SendCheck, status), detail
+        with self._guard():
+            result = [str(r) for r in self._scripts["begin_send"](keys=names, args=[fence_arg, stamp, *keys])]
+        if result[0] == "fenced":
+            self._fenced(portfolio_id, fence_arg, result[1])
+        if result[0] == "halted":
+            return [("halted", result[1])] * len(keys)
+        if result[0] != "ok" or len(result) != len(keys) + 1 or any(r not in ("ok", "unlocked") for r in result[1:]):
+            raise StoreError(f"Redis ledger answered {result!r} to begin_send")
+        return [(cast(SendCheck, r), "") for r in result[1:]]
 
     def sent_at(self, portfolio_id: str, key: str) -> datetime | None:
         check_name(key, "key")

@@ -22,6 +22,7 @@ from rebalancer_cli.errors import LeaseLostError, StoreError
 from rebalancer_cli.fsutil import open_sqlite
 from rebalancer_cli.ledger.base import (
     EXACT,
+    Commit,
     Halt,
     Lock,
     SendCheck,
@@ -30,8 +31,8 @@ from rebalancer_cli.ledger.base import (
     check_name,
     check_portfolio,
     check_ttl,
+    commit_requests,
     lock_requests,
-    movements,
 )
 
 _T = TypeVar("_T")
@@ -258,13 +259,15 @@ class SQLiteLedger:
         fence: int | None = None,
     ) -> bool:
         """Return False when `key` was committed before: the fill is in the holdings exactly once."""
-        check_portfolio(portfolio_id)
-        check_name(key, "key")
-        changes = [(a, Decimal(t).copy_negate()) for a, t in movements("debit", debit)]
-        changes += [(a, Decimal(t)) for a, t in movements("credit", credit)]
+        return self.commit_many(portfolio_id, [Commit(key, debit, credit)], fence=fence)[0]
 
-        def run(conn: sqlite3.Connection) -> bool:
-            self._check_fence(conn, portfolio_id, fence)
+    def commit_many(self, portfolio_id: str, commits: Sequence[Commit], *, fence: int | None = None) -> list[bool]:
+        check_portfolio(portfolio_id)
+        checked = commit_requests(commits)
+        if not checked:
+            return []
+
+        def one(conn: sqlite3.Connection, key: str, changes: list[tuple[str, Decimal]], now: float) -> bool:
             if conn.execute(
                 "SELECT 1 FROM committed WHERE portfolio_id = ? AND key = ?", (portfolio_id, key)
             ).fetchone():
@@ -281,11 +284,21 @@ class SQLiteLedger:
                 )
             conn.execute("DELETE FROM locks WHERE portfolio_id = ? AND key = ?", (portfolio_id, key))
             conn.execute("DELETE FROM sends WHERE portfolio_id = ? AND key = ?", (portfolio_id, key))
-            conn.execute(
-                "INSERT INTO committed (portfolio_id, key, at) VALUES (?, ?, ?)",
-                (portfolio_id, key, time.time()),
-            )
+            conn.execute("INSERT INTO committed (portfolio_id, key, at) VALUES (?, ?, ?)", (portfolio_id, key, now))
             return True
+
+        def run(conn: sqlite3.Connection) -> list[bool]:
+            self._check_fence(conn, portfolio_id, fence)
+            now = time.time()
+            return [
+                one(
+                    conn,
+                    key,
+                    [(a, Decimal(t).copy_negate()) for a, t in debits] + [(a, Decimal(t)) for a, t in credits],
+                    now,
+                )
+                for key, debits, credits in checked
+            ]
 
         return self._tx(run, write=True)
 
@@ -329,15 +342,18 @@ class SQLiteLedger:
     def begin_send(
         self, portfolio_id: str, key: str, *, fence: int | None, at: datetime | None = None
     ) -> tuple[SendCheck, str]:
-        check_portfolio(portfolio_id)
-        check_name(key, "key")
+        return self.begin_send_many(portfolio_id, [key], fence=fence, at=at)[0]
 
-        def run(conn: sqlite3.Connection) -> tuple[SendCheck, str]:
-            self._check_fence(conn, portfolio_id, fence)
-            halt = conn.execute("SELECT reason FROM halts WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
-            if halt is not None:
-                return "halted", str(halt[0])
-            now = time.time()
+    def begin_send_many(
+        self, portfolio_id: str, keys: Sequence[str], *, fence: int | None, at: datetime | None = None
+    ) -> list[tuple[SendCheck, str]]:
+        check_portfolio(portfolio_id)
+        for key in keys:
+            check_name(key, "key")
+        if not keys:
+            return []
+
+        def one(conn: sqlite3.Connection, key: str, now: float) -> tuple[SendCheck, str]:
             live = conn.execute(
                 "SELECT 1 FROM locks WHERE portfolio_id = ? AND key = ? AND expires_at > ?",
                 (portfolio_id, key, now),
@@ -350,6 +366,14 @@ class SQLiteLedger:
                 (portfolio_id, key, now if at is None else at.timestamp()),
             )
             return "ok", ""
+
+        def run(conn: sqlite3.Connection) -> list[tuple[SendCheck, str]]:
+            self._check_fence(conn, portfolio_id, fence)
+            halt = conn.execute("SELECT reason FROM halts WHERE portfolio_id = ?", (portfolio_id,)).fetchone()
+            if halt is not None:
+                return [("halted", str(halt[0]))] * len(keys)
+            now = time.time()
+            return [one(conn, key, now) for key in keys]
 
         return self._tx(run, write=True)
 
