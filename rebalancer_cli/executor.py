@@ -309,30 +309,32 @@ class Executor:
         if plan_only:
             return report
         self._sync_ledger(snapshot, report)
-        self.audit.record_plan(plan.plan_id, self.pid, now, plan.to_dict(), plan.summary.drift_before)
-        report.outcomes = [self._outcome(t) for t in plan.trades]
-        for o in report.outcomes:  # the live view shows the whole plan before the first order leaves
-            self._emit(o)
-        try:
-            with self.audit.sending():
+        # The audit rows queued behind (the plan, statuses, fills) are written once the sends are over, not
+        # beside the intents' commit and the orders on the same cores (`sending`, bounded)
+        with self.audit.sending():
+            self.audit.record_plan(plan.plan_id, self.pid, now, plan.to_dict(), plan.summary.drift_before)
+            report.outcomes = [self._outcome(t) for t in plan.trades]
+            for o in report.outcomes:  # the live view shows the whole plan before the first order leaves
+                self._emit(o)
+            try:
                 self._execute(plan, snapshot, report, saved=saved_plan is not None)
-        except BaseException as exc:
-            # A store or the exchange failed mid-cycle: the outcomes still read "locked" or "sent", so the report's
-            # status would say "done". Record the plan as interrupted (best effort: the original error is what the
-            # operator must see) and remember what did trade, for the cooldown.
-            executed = {o.symbol for o in report.outcomes if o.filled > 0}
-            with contextlib.suppress(Exception):
-                self.audit.finish_plan(plan.plan_id, "interrupted", None, self.clock())
-            with contextlib.suppress(Exception):
-                self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
-            left = [o for o in report.outcomes if o.filled > 0 or o.status in ("sent", "unknown")]
-            if left and isinstance(exc, ServiceUnavailableError):
-                # "unreachable, nothing was traded" (exit 3) would be a lie: say what did leave (exit 4)
-                done = ", ".join(f"{o.side} {o.market} {o.status} {o.filled}" for o in left)
-                raise ExecutionIncompleteError(
-                    f"{exc}; after orders of this run had left ({done}): the next run settles what is open"
-                ) from exc
-            raise
+            except BaseException as exc:
+                # A store or the exchange failed mid-cycle: the outcomes still read "locked" or "sent", so the report's
+                # status would say "done". Record the plan as interrupted (best effort: the original error is what the
+                # operator must see) and remember what did trade, for the cooldown.
+                executed = {o.symbol for o in report.outcomes if o.filled > 0}
+                with contextlib.suppress(Exception):
+                    self.audit.finish_plan(plan.plan_id, "interrupted", None, self.clock())
+                with contextlib.suppress(Exception):
+                    self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
+                left = [o for o in report.outcomes if o.filled > 0 or o.status in ("sent", "unknown")]
+                if left and isinstance(exc, ServiceUnavailableError):
+                    # "unreachable, nothing was traded" (exit 3) would be a lie: say what did leave (exit 4)
+                    done = ", ".join(f"{o.side} {o.market} {o.status} {o.filled}" for o in left)
+                    raise ExecutionIncompleteError(
+                        f"{exc}; after orders of this run had left ({done}): the next run settles what is open"
+                    ) from exc
+                raise
         executed = {o.symbol for o in report.outcomes if o.filled > 0}
         if executed:
             report.drift_after = self._realized_drift(plan, snapshot)

@@ -9,6 +9,7 @@ contract test suite runs the same assertions against each of them.
 from __future__ import annotations
 
 import decimal
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -215,11 +216,14 @@ def check_portfolio(portfolio_id: str) -> None:
         raise ValueError("portfolio_id must be a non-empty string")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
 def check_name(value: str, what: str) -> None:
     """Asset names and keys are stored in line-separated records, hence no control characters."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{what} must be a non-empty string")
-    if any(ord(c) < 32 for c in value):
+    if _CONTROL.search(value):
         raise ValueError(f"{what} must not contain control characters: {value!r}")
 
 
