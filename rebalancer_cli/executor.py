@@ -275,6 +275,8 @@ class Executor:
         self._holdings_lock = threading.Lock()
         # set by an order of a group that found the circuit open: the rest of the cycle is skipped
         self._circuit_open: CircuitOpenError | None = None
+        # the ledger's sync to this run's snapshot, until it ran (`_synced`)
+        self._unsynced: Callable[[], None] | None = None
         # the "leaving" marks of the group being sent (`_send_group` makes one per group)
         self._marks: Callable[[str], tuple[SendCheck, str, datetime]] = lambda key: self._begin_sends([key])[0]
 
@@ -308,7 +310,8 @@ class Executor:
         report = ExecutionReport(self.pid, plan, [], recovered, plan.summary.drift_before, None)
         if plan_only:
             return report
-        self._sync_ledger(snapshot, report)
+        # the ledger's sync goes side by side with the first intents' commit (independent stores), or alone
+        self._unsynced = functools.partial(self._sync_ledger, snapshot, report)
         # The audit rows queued behind (the plan, statuses, fills) are written once the sends are over, not
         # beside the intents' commit and the orders on the same cores (`sending`, bounded)
         with self.audit.sending():
@@ -318,6 +321,7 @@ class Executor:
                 self._emit(o)
             try:
                 self._execute(plan, snapshot, report, saved=saved_plan is not None)
+                self._synced()
             except BaseException as exc:
                 # A store or the exchange failed mid-cycle: the outcomes still read "locked" or "sent", so the report's
                 # status would say "done". Record the plan as interrupted (best effort: the original error is what the
@@ -421,6 +425,12 @@ class Executor:
                     "would bring it back to target: plan again"
                 )
 
+    def _synced(self) -> None:
+        """The ledger synced to the snapshot, if it was not yet in this run."""
+        sync, self._unsynced = self._unsynced, None
+        if sync is not None:
+            sync()
+
     def _sync_ledger(self, snapshot: Snapshot, report: ExecutionReport) -> None:
         """The exchange is the truth; replace the ledger's holdings with it unless orders are in flight."""
         holdings = {a: snapshot.balances.get(a, ZERO) + snapshot.locked.get(a, ZERO) for a in snapshot.balances}
@@ -457,6 +467,8 @@ class Executor:
                     ready.append((trade, outcome))
                     turnover += notional
             free: dict[str, Decimal] = {}  # the quote free before the group's buys, read once per quote
+            if side == "buy":
+                self._synced()  # the buys are fitted to the quote the ledger holds
             amounts = self._fit_buys(ready, snapshot, free) if side == "buy" else [t.amount for t, _ in ready]
             self._send_group(plan, ready, amounts, snapshot, free, saved=saved)
             if self._circuit_open is not None:
@@ -525,7 +537,11 @@ class Executor:
                 prepared.append((trade, outcome, intent))
         if not prepared:
             return
-        new = self.audit.record_intents([intent for _, _, intent in prepared])
+        intents = [intent for _, _, intent in prepared]
+        jobs: list[Callable[[], Any]] = [functools.partial(self.audit.record_intents, intents)]
+        if self._unsynced is not None:
+            jobs.append(self._synced)  # the first group's: the ledger's sync beside the intents' commit
+        new = cast(list[bool], side_by_side(jobs)[0])
         # an intent this run did not write is another run's, or an earlier one's: never sent again from here
         prepared = [
             p for p, fresh in zip(prepared, new, strict=True) if fresh or not self._known(p[0].idempotency_key, p[1])
