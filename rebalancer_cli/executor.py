@@ -275,6 +275,10 @@ class Executor:
         self._holdings_lock = threading.Lock()
         # set by an order of a group that found the circuit open: the rest of the cycle is skipped
         self._circuit_open: CircuitOpenError | None = None
+        # the planner's memory after the cycle, from what it executed, and whether a commit stored it already
+        self._memory_after: Callable[[set[str]], str] = lambda executed: ""
+        self._memory_stored = False
+        self._outcomes: list[OrderOutcome] = []
         # the ledger's sync to this run's snapshot, until it ran (`_synced`)
         self._unsynced: Callable[[], None] | None = None
         # the "leaving" marks of the group being sent (`_send_group` makes one per group)
@@ -310,6 +314,9 @@ class Executor:
         report = ExecutionReport(self.pid, plan, [], recovered, plan.summary.drift_before, None)
         if plan_only:
             return report
+        # the planner's memory after this cycle goes with the last group's fills, in the same ledger step
+        self._memory_after = lambda executed: state.after(plan, executed, now).to_json()
+        self._memory_stored = False
         # the ledger's sync goes side by side with the first intents' commit (independent stores), or alone
         self._unsynced = functools.partial(self._sync_ledger, snapshot, report)
         # The audit rows queued behind (the plan, statuses, fills) are written once the sends are over, not
@@ -345,7 +352,8 @@ class Executor:
         else:
             report.drift_after = plan.summary.drift_before
         self.audit.finish_plan(plan.plan_id, report.status, report.drift_after, self.clock())
-        self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
+        if not self._memory_stored:
+            self.ledger.set_memory(self.pid, state.after(plan, executed, now).to_json(), fence=self.fence)
         return report
 
     def check_halt(self, halt: Halt | None) -> None:
@@ -458,6 +466,8 @@ class Executor:
         mids = {a.symbol: a.mid for a in plan.assets}
         pairs = list(zip(plan.trades, report.outcomes, strict=True))
         turnover = ZERO
+        last = "buy" if any(t.side == "buy" for t in plan.trades) else "sell"
+        self._outcomes = report.outcomes
         for side in ("sell", "buy"):
             group = [(t, o) for t, o in pairs if t.side == side]
             ready: list[tuple[Trade, OrderOutcome]] = []
@@ -470,7 +480,7 @@ class Executor:
             if side == "buy":
                 self._synced()  # the buys are fitted to the quote the ledger holds
             amounts = self._fit_buys(ready, snapshot, free) if side == "buy" else [t.amount for t, _ in ready]
-            self._send_group(plan, ready, amounts, snapshot, free, saved=saved)
+            self._send_group(plan, ready, amounts, snapshot, free, saved=saved, last=side == last)
             if self._circuit_open is not None:
                 for _, rest in pairs:
                     if rest.status == "pending":
@@ -527,6 +537,7 @@ class Executor:
         free: Mapping[str, Decimal],
         *,
         saved: bool,
+        last: bool = False,
     ) -> None:
         """Every intent of the group in one store round trip (write-ahead, before the first of them leaves),
         every lock in one ledger round trip, then each order's send and settlement side by side."""
@@ -590,7 +601,11 @@ class Executor:
             order = {id(o): i for i, (_, o, _) in enumerate(prepared)}
             if answered:
                 failpoints.hit("before_commit")  # the group's fills are in the audit trail, none in the ledger
-            self._apply(sorted(answered, key=lambda b: order[id(b.outcome)]))
+            memory = None
+            if last and answered:  # the cycle's memory rides on its last fills (what run would write after)
+                executed = {o.symbol for o in self._outcomes if o.filled > 0}
+                memory = self._memory_after(executed | {b.outcome.symbol for b in answered if b.filled > 0})
+            self._apply(sorted(answered, key=lambda b: order[id(b.outcome)]), memory=memory)
 
     def _intent(
         self, plan: Plan, trade: Trade, outcome: OrderOutcome, amount: Decimal, *, saved: bool
@@ -952,9 +967,10 @@ class Executor:
             net[ccy] = net.get(ccy, ZERO) - fee
         return _Booked(intent, o, result, fills, filled, cost, fees, net, synthesized)
 
-    def _apply(self, booked: Sequence[_Booked]) -> None:
+    def _apply(self, booked: Sequence[_Booked], *, memory: str | None = None) -> None:
         """The second half of `settle`, for one order or a whole group: every fill into the ledger in one atomic
-        step (an order that filled nothing only gives its lock back), then each order's final status."""
+        step (an order that filled nothing only gives its lock back), then each order's final status. `memory`:
+        the planner's memory to store in that same step (the cycle's last group)."""
         filled = [b for b in booked if b.filled > 0]
         if filled:
             commits = [
@@ -965,7 +981,8 @@ class Executor:
                 )
                 for b in filled
             ]
-            self.ledger.commit_many(self.pid, commits, fence=self.fence)
+            self.ledger.commit_many(self.pid, commits, fence=self.fence, memory=memory)
+            self._memory_stored = memory is not None
             with self._holdings_lock:
                 if self._holdings is not None:
                     for b in filled:

@@ -254,9 +254,15 @@ def test_commit_many_applies_each_fill_once_in_one_step(ledger: ShadowLedger, pi
     }
     assert ledger.locks(pid) == [] and all(ledger.is_committed(pid, k) for k in ("s1", "s2", "b1"))
     assert ledger.commit_many(pid, []) == []
+    assert ledger.commit_many(pid, [Commit("m1", {}, {"ETH": D("0.1")})], memory='{"cycle": 2}') == [True]
+    assert ledger.get_memory(pid) == '{"cycle": 2}'  # stored in the same step as the fill
+    assert ledger.commit_many(pid, [], memory='{"cycle": 3}') == [] and ledger.get_memory(pid) == '{"cycle": 3}'
     with pytest.raises(ValueError):  # one bad commit refuses them all before anything is written
-        ledger.commit_many(pid, [Commit("c1", {}, {"BTC": D("1")}), Commit("c2", {"BTC": D("-1")}, {})])
+        ledger.commit_many(
+            pid, [Commit("c1", {}, {"BTC": D("1")}), Commit("c2", {"BTC": D("-1")}, {})], memory='{"cycle": 4}'
+        )
     assert not ledger.is_committed(pid, "c1") and ledger.balances(pid)["BTC"] == D("0.5")
+    assert ledger.get_memory(pid) == '{"cycle": 3}'
 
 
 def test_commit_works_without_a_live_lock(ledger: ShadowLedger, pid: str) -> None:
@@ -447,7 +453,9 @@ def test_a_stale_lease_holder_cannot_write(ledger: ShadowLedger, pid: str) -> No
         lambda: ledger.sync_balances(pid, {"USDC": D("99")}, fence=stale),
         lambda: ledger.lock(pid, "new", "USDC", D("1"), ttl_seconds=TTL, fence=stale),
         lambda: ledger.commit(pid, "held", debit={"USDC": D("1")}, credit={"BTC": D("1")}, fence=stale),
-        lambda: ledger.commit_many(pid, [Commit("held", {"USDC": D("1")}, {"BTC": D("1")})], fence=stale),
+        lambda: ledger.commit_many(
+            pid, [Commit("held", {"USDC": D("1")}, {"BTC": D("1")})], fence=stale, memory='{"x": 2}'
+        ),
         lambda: ledger.release(pid, "held", fence=stale),
         lambda: ledger.set_memory(pid, '{"x": 1}', fence=stale),
         lambda: ledger.advance_fence(pid, stale),

@@ -127,9 +127,11 @@ class ShadowLedger(Protocol):
         commits: Sequence[Commit],
         *,
         fence: int | None = None,
+        memory: str | None = None,
     ) -> list[bool]:
         """`commit` for each, in order, in one atomic step (one round trip for a group of orders' fills); one
-        answer per commit, as `commit` gives it. A bad one refuses them all before anything is written."""
+        answer per commit, as `commit` gives it. A bad one refuses them all before anything is written.
+        `memory`: the planner's memory after these fills, stored in the same step (`set_memory`)."""
         ...
 
     def release(self, portfolio_id: str, key: str, *, fence: int | None = None) -> None: ...

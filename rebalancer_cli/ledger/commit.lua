@@ -1,12 +1,14 @@
 -- Apply fills and drop their locks, once per key, for one or several orders in one atomic step.
--- KEYS: hold, locks, done, fence, sent (the order's mark of having left, dropped with its lock).
--- ARGV: fence token ('' = none), then per order: key, number of debits d, number of credits c, then d pairs
--- (asset, amount) debited and c pairs (asset, amount) credited.
+-- KEYS: hold, locks, done, fence, sent (the order's mark of having left, dropped with its lock), memory.
+-- ARGV: fence token ('' = none), '1' to store the planner's memory (else ''), the memory, then per order: key,
+-- number of debits d, number of credits c, then d pairs (asset, amount) debited and c pairs (asset, amount)
+-- credited.
 -- Returns {'fenced', highest token} or {'ok', then per order: 'duplicate' | 'committed'}.
 local highest = fence_check(KEYS[4], ARGV[1])
 if highest then return {'fenced', highest} end
+if ARGV[2] == '1' then redis.call('SET', KEYS[6], ARGV[3]) end
 local out = {'ok'}
-local i = 2
+local i = 4
 while i <= #ARGV do
   local key = ARGV[i]
   local ndebit, ncredit = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])

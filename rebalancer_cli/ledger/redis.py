@@ -223,16 +223,23 @@ class RedisLedger:
         reply was lost: either way the fill is in the holdings exactly once."""
         return self.commit_many(portfolio_id, [Commit(key, debit, credit)], fence=fence)[0]
 
-    def commit_many(self, portfolio_id: str, commits: Sequence[Commit], *, fence: int | None = None) -> list[bool]:
-        args = [_fence_arg(fence)]
+    def commit_many(
+        self, portfolio_id: str, commits: Sequence[Commit], *, fence: int | None = None, memory: str | None = None
+    ) -> list[bool]:
+        if memory is not None and not isinstance(memory, str):
+            raise TypeError(f"memory must be text, not {type(memory).__name__}")
+        args = [_fence_arg(fence), "" if memory is None else "1", memory or ""]
         for key, debits, credits in commit_requests(commits):
             args += [key, str(len(debits)), str(len(credits))]
             for asset, text in debits + credits:
                 args += [asset, text]
         if not commits:
+            if memory is not None:
+                self.set_memory(portfolio_id, memory, fence=fence)
             return []
+        keys = [*self._lock_keys(portfolio_id), self._key(portfolio_id, "memory")]
         with self._guard():
-            result = [str(r) for r in self._scripts["commit"](keys=self._lock_keys(portfolio_id), args=args)]
+            result = [str(r) for r in self._scripts["commit"](keys=keys, args=args)]
         if result[0] == "fenced":
             self._fenced(portfolio_id, args[0], result[1])
         return [status == "committed" for status in result[1:]]

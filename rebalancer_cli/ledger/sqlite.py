@@ -261,10 +261,16 @@ class SQLiteLedger:
         """Return False when `key` was committed before: the fill is in the holdings exactly once."""
         return self.commit_many(portfolio_id, [Commit(key, debit, credit)], fence=fence)[0]
 
-    def commit_many(self, portfolio_id: str, commits: Sequence[Commit], *, fence: int | None = None) -> list[bool]:
+    def commit_many(
+        self, portfolio_id: str, commits: Sequence[Commit], *, fence: int | None = None, memory: str | None = None
+    ) -> list[bool]:
         check_portfolio(portfolio_id)
         checked = commit_requests(commits)
+        if memory is not None and not isinstance(memory, str):
+            raise TypeError(f"memory must be text, not {type(memory).__name__}")
         if not checked:
+            if memory is not None:
+                self.set_memory(portfolio_id, memory, fence=fence)
             return []
 
         def one(conn: sqlite3.Connection, key: str, changes: list[tuple[str, Decimal]], now: float) -> bool:
@@ -290,6 +296,8 @@ class SQLiteLedger:
         def run(conn: sqlite3.Connection) -> list[bool]:
             self._check_fence(conn, portfolio_id, fence)
             now = time.time()
+            if memory is not None:
+                self._put_memory(conn, portfolio_id, memory)
             return [
                 one(
                     conn,
@@ -450,6 +458,14 @@ class SQLiteLedger:
         check_portfolio(portfolio_id)
         return self._tx(lambda conn: self._memory(conn, portfolio_id), write=False)
 
+    @staticmethod
+    def _put_memory(conn: sqlite3.Connection, portfolio_id: str, value: str) -> None:
+        conn.execute(
+            "INSERT INTO memory (portfolio_id, value) VALUES (?, ?) "
+            "ON CONFLICT (portfolio_id) DO UPDATE SET value = excluded.value",
+            (portfolio_id, value),
+        )
+
     def set_memory(self, portfolio_id: str, value: str, *, fence: int | None = None) -> None:
         check_portfolio(portfolio_id)
         if not isinstance(value, str):
@@ -457,11 +473,7 @@ class SQLiteLedger:
 
         def run(conn: sqlite3.Connection) -> None:
             self._check_fence(conn, portfolio_id, fence)
-            conn.execute(
-                "INSERT INTO memory (portfolio_id, value) VALUES (?, ?) "
-                "ON CONFLICT (portfolio_id) DO UPDATE SET value = excluded.value",
-                (portfolio_id, value),
-            )
+            self._put_memory(conn, portfolio_id, value)
 
         self._tx(run, write=True)
 
