@@ -65,9 +65,10 @@ def scenario(n_assets: int, levels: int = 100) -> tuple[Config, Snapshot]:
             ((mid + mid * D(j + 1) / D(10000)).quantize(D("0.01")), D("0.5") + D(j) / 10) for j in range(levels)
         )
         markets[f"{s}/USDC"] = Market(f"{s}/USDC", s, "USDC", D("0.001"), D("0.001"), D("5"), bids, asks, D("0.03"))
-        # alternate over- and underweight by ~30% so every asset trades and walks deep into its book
+        # alternate over- and underweight by ~50% so every asset trades and walks deep into its book (with 50
+        # assets of 2% each, 30% would stay inside regions sized for trades to half their width)
         target_value = D(10000)
-        balances[s] = (target_value * (D("1.3") if i % 2 else D("0.7")) / mid).quantize(D("0.001"))
+        balances[s] = (target_value * (D("1.5") if i % 2 else D("0.5")) / mid).quantize(D("0.001"))
     balances["USDC"] = D(10000) * quote_weight / weight
     snap = Snapshot(taken_at=datetime(2026, 11, 27, tzinfo=UTC), balances=balances, markets=markets)
     return cfg, snap
@@ -165,6 +166,8 @@ def main() -> None:
     for n in (3, 10, 50):
         cfg, snap = scenario(n)
         trades = len(plan(cfg, snap).trades)
+        if trades != n:
+            raise SystemExit(f"{n} assets: {trades} trades; the latency case is meant to trade every asset")
         # interleave the two variants so machine noise hits both alike
         walk, flat = [], []
         for _ in range(4):

@@ -280,7 +280,8 @@ class Config(BaseModel):
     )
     region_point: Fraction = Field(
         Decimal("0.5"),
-        description="no-trade-region: trade to this fraction of the region's half-width (1 = its edge, 0 = target)",
+        description="no-trade-region: trade to this fraction of the region's half-width (1 = its edge, 0 = target); "
+        "the region is sized for it (a point further inside waits for more drift before it trades)",
     )
     correlations: dict[str, Correlation] = Field(
         default_factory=dict,

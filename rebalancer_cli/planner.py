@@ -212,15 +212,23 @@ class RegionFigures:
 class NoTradeRegion:
     """Per-asset no-trade region of the certainty-equivalent objective cost + (gamma/2) * TE^2 (the yardstick
     of Leland 2000 and Sun et al. 2006, and the objective of Boyd et al. 2017), so that the rule minimizes what
-    the backtest judges it by.
+    the backtest judges it by, for trades that return to `return_point` p of the half-width (`ToRegionPoint`).
 
-    Half-width delta_i = (3 k_i s_i^2 / (2 gamma sigma_i^2))^(1/3), the small-cost asymptotics of the optimal
-    region (Janecek & Shreve 2004; Rogers 2004; per asset in the multi-asset setting as in Leland 2000), with
-    k_i = fee + half spread, the planner's own cost estimate for one lot at the top of the book; s_i^2 and
-    sigma_i^2 as in `AssetRisk`. Checked every dt instead of continuously, the drift overshoots the region
-    by about 0.5826 s_i sqrt(dt) (Broadie, Glasserman & Kou 1997), so the region is shrunk by that much (never
-    below 0). Without a covariance, s_i^2 / sigma_i^2 = w_i^2 (1 - w_i)^2 (the asset against cash alone,
-    which needs no volatility) and no correction is made.
+    Half-width delta_i = (6 k_i s_i^2 / (gamma sigma_i^2 (1 + p) (1 + p^2)))^(1/3), with k_i = fee + half
+    spread, the planner's own cost estimate for one lot at the top of the book, and s_i^2 and sigma_i^2 as in
+    `AssetRisk`. The derivation (renewal-reward, for the small-cost limit in which the deviation x is a
+    Brownian motion of variance rate s^2, as in Rogers 2004 and Janecek & Shreve 2004): a cycle starts at
+    x = p b and ends when |x| reaches the trigger b. Brownian exit from (-b, b) started at a takes
+    E[T] = (b^2 - a^2) / s^2 and accumulates E[int x^2 dt] = (b^4 - a^4) / (6 s^2) (solve (s^2/2) f'' = -1 and
+    = -x^2 with f(+-b) = 0), and the cycle's trade costs k (b - a). Per unit time, with a = p b:
+    cost k s^2 / ((1 + p) b) + tracking (gamma/2) sigma^2 (1 + p^2) b^2 / 6, least at the b above. At p = 1
+    (Leland's trade to the edge, a reflecting band) it is the (3 k s^2 / (2 gamma sigma^2))^(1/3) of Janecek &
+    Shreve 2004 and Rogers 2004 (per asset in the multi-asset setting as in Leland 2000); at p = 0 (back to
+    target) (6 k s^2 / (gamma sigma^2))^(1/3); a point inside needs the wider trigger, since each trade then
+    buys more tracking at the same cost per unit. Checked every dt instead of continuously, the drift
+    overshoots the trigger by about 0.5826 s_i sqrt(dt) (Broadie, Glasserman & Kou 1997), so the region is
+    shrunk by that much (never below 0). Without a covariance, s_i^2 / sigma_i^2 = w_i^2 (1 - w_i)^2 (the asset
+    against cash alone, which needs no volatility) and no correction is made.
     """
 
     risk_aversion: Decimal
@@ -228,6 +236,8 @@ class NoTradeRegion:
     cost_model: CostModel = field(default_factory=CostModel)
     # weigh each asset's deviation with the others' through the covariance (`joint_remaining`)
     joint: bool = False
+    # p: where a trade ends, as a fraction of the half-width (the policy's `ToRegionPoint`); 1 = the edge
+    return_point: Decimal = ONE
 
     def threshold(self, asset: AssetContext) -> Decimal:
         return self.figures(asset).half_width
@@ -254,6 +264,7 @@ class NoTradeRegion:
                 key = (
                     self.risk_aversion,
                     self.check_seconds,
+                    self.return_point,
                     side,
                     market.taker_fee,
                     market.amount_step,
@@ -287,16 +298,32 @@ class NoTradeRegion:
 
     def half_width(self, k: float, target: float, risk: AssetRisk | None) -> tuple[float, float]:
         """(corrected, uncorrected) half-width; floats, as it is a statistic that only places a boundary."""
-        return _region_width(k, target, risk, float(self.risk_aversion), float(self.check_seconds) / 86_400)
+        return _region_width(
+            k,
+            target,
+            risk,
+            float(self.risk_aversion),
+            float(self.check_seconds) / 86_400,
+            point_factor(float(self.return_point)),
+        )
 
 
-def _region_width(k: float, target: float, risk: AssetRisk | None, gamma: float, dt_days: float) -> tuple[float, float]:
-    """`NoTradeRegion.half_width` with its constants given (the screen computes them once per check)."""
+def point_factor(p: float) -> float:
+    """4 / ((1 + p) (1 + p^2)): the cube of how much wider the trigger of trades to p of the region is than the
+    edge-sizing one (`NoTradeRegion`); exactly 1 at p = 1, 4 at p = 0."""
+    return 4 / ((1 + p) * (1 + p * p))
+
+
+def _region_width(
+    k: float, target: float, risk: AssetRisk | None, gamma: float, dt_days: float, factor: float = 1.0
+) -> tuple[float, float]:
+    """`NoTradeRegion.half_width` with its constants given (the screen computes them once per check); `factor`
+    is `point_factor` of the region's return point."""
     if risk is None or risk.deviation_variance <= 0:
         ratio, s2 = (target * (1 - target)) ** 2, 0.0
     else:
         ratio, s2 = risk.weight_variance / risk.deviation_variance, risk.weight_variance
-    raw = (3 * k * ratio / (2 * gamma)) ** (1 / 3) if k > 0 and ratio > 0 else 0.0
+    raw = (3 * k * ratio / (2 * gamma) * factor) ** (1 / 3) if k > 0 and ratio > 0 else 0.0
     return max(0.0, raw - DISCRETE_CHECK_BETA * math.sqrt(s2 * dt_days)), raw
 
 
@@ -384,13 +411,19 @@ class Policy:
 
 
 def no_trade_region(config: Config, check_seconds: Decimal, *, name: str = "no-trade-region") -> Policy:
-    """The no-trade-region rule: `NoTradeRegion` thresholds, `ToRegionPoint` sizing, `CostShareGate`.
+    """The no-trade-region rule: `NoTradeRegion` thresholds sized for the config's `region_point`, `ToRegionPoint`
+    sizing to that point, `CostShareGate`.
 
     The region replaces hysteresis (a trade ends inside it, and the next waits until the drift leaves it
     again); the config's cooldown still holds an asset after a trade.
     """
     return Policy(
-        threshold=NoTradeRegion(config.risk_aversion, check_seconds, joint=config.region is RegionShape.JOINT),
+        threshold=NoTradeRegion(
+            config.risk_aversion,
+            check_seconds,
+            joint=config.region is RegionShape.JOINT,
+            return_point=config.region_point,
+        ),
         sizing=ToRegionPoint(config.region_point),
         gate=CostShareGate(),
         cooldown_seconds=config.cooldown,
@@ -981,6 +1014,7 @@ def _float_screen(config: Config, snapshot: Snapshot, policy: Policy) -> bool:
         risk = portfolio_risk(config, snapshot)[0]
         stock = region_rule.stock_costs()
         gamma, dt_days = float(region_rule.risk_aversion), float(region_rule.check_seconds) / 86_400
+        factor = point_factor(float(region_rule.return_point))
     joint: list[tuple[str, AssetRisk, float, float]] = []  # (asset, risk, deviation, width): a joint region's
     for a, market, value in screened:
         target = float(a.target_weight)
@@ -998,7 +1032,7 @@ def _float_screen(config: Config, snapshot: Snapshot, policy: Policy) -> bool:
                     _float_cost_rate(region_rule, market, "sell", stock),
                 )
             # narrower where k is smaller; the exact path rounds the width to _WIDTH_QUANTUM, maybe that much down
-            width = _region_width(k, target, asset_risk, gamma, dt_days)[0] - _WIDTH_SLACK
+            width = _region_width(k, target, asset_risk, gamma, dt_days, factor)[0] - _WIDTH_SLACK
             if region_rule.joint and asset_risk is not None and asset_risk.row:
                 if not size < float(a.max_deviation) - _FLOAT_MARGIN:
                     return False

@@ -20,7 +20,8 @@ portfolio_id: "my-portfolio"   # names this portfolio's keys in the ledger and a
 # policy: no-trade-region      # the default; or cost-adjusted (the thresholds and gate below)
 # risk_aversion: 5             # gamma of cost + gamma/2 * TE^2: sizes the no-trade regions
 # region: joint                # or per-asset: each asset's region sized alone, ignoring correlations
-# region_point: 0.5            # a trade goes to this fraction of the region's half-width (1 = edge)
+# region_point: 0.5            # a trade goes to this fraction of the region's half-width (1 = edge);
+#                              # the region is sized for it: further inside, wider
 # correlations: {{BTC/ETH: 0.8}}  # when the snapshot has no covariance: with each market's volatility
 base_threshold: 0.001          # never trade a drift below 0.1% of portfolio value ...
 volatility_factor: 0.5         # ... widened by half the daily volatility

@@ -25,14 +25,18 @@ def line(p: Plan, symbol: str) -> P.AssetLine:
     return next(a for a in p.assets if a.symbol == symbol)
 
 
-def expected_width(k: float, ratio: float, s2: float, gamma: float = 5.0, dt_days: float = 60 / 86400) -> float:
-    return (3 * k * ratio / (2 * gamma)) ** (1 / 3) - 0.5826 * math.sqrt(s2 * dt_days)
+def expected_width(
+    k: float, ratio: float, s2: float, gamma: float = 5.0, dt_days: float = 60 / 86400, point: float = 0.5
+) -> float:
+    # the trigger of trades that return to `point` of the half-width: (6 k ratio / (gamma (1+p) (1+p^2)))^(1/3)
+    return (6 * k * ratio / (gamma * (1 + point) * (1 + point**2))) ** (1 / 3) - 0.5826 * math.sqrt(s2 * dt_days)
 
 
 def test_region_width_is_the_formula_with_the_cost_from_the_book() -> None:
     # BTC 5.5 @ 100 = 550 of 1000: weight 0.55, drift -0.05. Sell one lot (0.01) at the 99 bid: notional 0.99,
     # fee 0.00099, slippage 0.01 -> k = 0.01099 / 0.99. One asset against cash: s^2 = w^2 (1-w)^2 vol^2,
-    # sigma^2 = vol^2 (vol 0.02 a day), so delta = (3 k 0.0625 / 10)^(1/3) - 0.5826 sqrt(s^2 * 60 s / 1 day).
+    # sigma^2 = vol^2 (vol 0.02 a day), so with trades to half the width (p = 0.5)
+    # delta = (6 k 0.0625 / (5 * 1.5 * 1.25))^(1/3) - 0.5826 sqrt(s^2 * 60 s / 1 day).
     cfg = config(TWO, **REGION)
     snap = snapshot({"BTC": "5.5", "USDC": "450"}, market("BTC", [("99", "10")], [("101", "10")]))
     btc = line(_plan(cfg, snap), "BTC")
@@ -68,6 +72,27 @@ def test_edge_sizing_leaves_the_drift_at_the_region_edge() -> None:
     btc = line(p, "BTC")
     (t,) = p.trades
     assert abs(t.amount - (D("0.1") - btc.threshold) * 1000 / btc.mid) <= D("0.0001")
+    # trading to the edge, the region is the reflecting band's (3 k s^2 / (2 gamma sigma^2))^(1/3), corrected
+    k = float(btc.region.cost_rate) if btc.region else 0.0
+    edge = (3 * k * 0.0625 / 10) ** (1 / 3) - 0.5826 * math.sqrt(0.0625 * 0.0004 * 60 / 86400)
+    assert abs(float(btc.threshold) - edge) < 1e-9
+
+
+def test_a_point_further_inside_widens_the_region() -> None:
+    # the same drift of 4% is past the edge-sizing region (2.7%) but inside the wider trigger of trades to target
+    # (4.3%):
+    # a trade that goes further back buys more tracking at the same cost per unit, so it waits for more drift
+    book = market("BTC", [("99.99", "100")], [("100.01", "100")], step="0.0001")
+    snap = snapshot({"BTC": "5.4", "USDC": "460"}, book)
+    widths = {}
+    for point in ("1", "0.5", "0"):
+        btc = line(_plan(config(TWO, policy="no-trade-region", region_point=D(point)), snap), "BTC")
+        assert btc.region is not None
+        k = float(btc.region.cost_rate)
+        assert abs(float(btc.threshold) - expected_width(k, 0.0625, 0.0625 * 0.0004, point=float(point))) < 1e-9
+        widths[point] = (btc.threshold, btc.decision)
+    assert widths["1"][0] < widths["0.5"][0] < widths["0"][0]
+    assert (widths["1"][1], widths["0.5"][1], widths["0"][1]) == ("trade", "trade", "hold")
 
 
 def test_an_absurd_cost_share_is_refused_unless_the_hard_band_is_breached() -> None:
@@ -120,7 +145,8 @@ def test_without_volatility_the_region_uses_the_target_weight_alone_and_says_so(
     p = _plan(cfg, snapshot({"BTC": "6", "USDC": "400"}, market("BTC", [("99", "10")], [("101", "10")], vol=None)))
     btc = line(p, "BTC")
     k = 0.01099 / 0.99  # a sell: drift is negative
-    assert abs(float(btc.threshold) - (3 * k * 0.0625 / 10) ** (1 / 3)) < 1e-9  # no interval correction
+    # sized for trades to half the width; no interval correction
+    assert abs(float(btc.threshold) - (6 * k * 0.0625 / (5 * 1.5 * 1.25)) ** (1 / 3)) < 1e-9
     assert any("target weights alone" in n for n in p.notes)
 
 

@@ -156,27 +156,35 @@ def named_policies(
         "no-trade-region": BacktestPolicy(
             "no-trade-region",
             no_trade_region(config, check),
-            description=f"the config's no-trade regions ({shape}, {gamma}), to {point.normalize():f} of the width",
+            description=f"the config's no-trade regions ({shape}, {gamma}), sized for and trading to "
+            f"{point.normalize():f} of the width",
         ),
         "no-trade-region-edge": BacktestPolicy(
             "no-trade-region-edge",
-            replace(no_trade_region(config, check, name="no-trade-region-edge"), sizing=ToRegionPoint(ONE)),
+            _to_point(no_trade_region(config, check, name="no-trade-region-edge"), ONE),
             description=f"the config's no-trade regions ({shape}, {gamma}), to the region's edge (Leland 2000)",
         ),
         "per-asset-region": BacktestPolicy(
             "per-asset-region",
             replace(
                 no_trade_region(config, check, name="per-asset-region"),
-                threshold=NoTradeRegion(config.risk_aversion, check),
+                threshold=NoTradeRegion(config.risk_aversion, check, return_point=point),
             ),
-            description=f"a no-trade region per asset, each alone ({gamma}), to {point.normalize():f} of the width",
+            description=f"a no-trade region per asset, each alone ({gamma}), sized for and trading to "
+            f"{point.normalize():f} of the width",
         ),
         "no-trade-region-target": BacktestPolicy(
             "no-trade-region-target",
-            replace(no_trade_region(config, check, name="no-trade-region-target"), sizing=ToRegionPoint(ZERO)),
-            description=f"the config's no-trade regions ({shape}, {gamma}), back to target",
+            _to_point(no_trade_region(config, check, name="no-trade-region-target"), ZERO),
+            description=f"the config's no-trade regions ({shape}, {gamma}), sized for and trading back to target",
         ),
     }
+
+
+def _to_point(policy: Policy, point: Decimal) -> Policy:
+    """`policy` (a no-trade-region rule) trading to `point` of its regions, with the regions sized for it."""
+    assert isinstance(policy.threshold, NoTradeRegion)
+    return replace(policy, threshold=replace(policy.threshold, return_point=point), sizing=ToRegionPoint(point))
 
 
 def _named(policy: Policy, name: str) -> Policy:
