@@ -103,6 +103,13 @@ def to_decimal(value: Any, what: str = "value") -> Decimal | None:
     if value is None or value == "":
         return None
     text = value if type(value) is str else str(value)
+    if len(text) <= MAX_DIGITS and _PLAIN.fullmatch(text) is not None:
+        # plain digits (most of a book; Binance pads them to 8 decimals): without the fraction's trailing zeros
+        # the text's Decimal is canonical already, and string work is cheaper than normalize + quantize
+        d = Decimal(text.rstrip("0").rstrip(".") if "." in text else text)
+        if d and not MIN_MAGNITUDE <= d.adjusted() < MAX_MAGNITUDE:
+            raise ExchangeError(f"exchange sent a {what} out of range: {text[:40]!r}")
+        return d
     if len(text) > 200:
         raise ExchangeError(f"exchange sent a {what} that is not a usable number: {text[:40]!r}...")
     try:
@@ -121,8 +128,6 @@ def to_decimal(value: Any, what: str = "value") -> Decimal | None:
     ):
         raise ExchangeError(f"exchange sent a {what} with more than {MAX_DIGITS} digits: {text[:40]!r}")
     if _PLAIN.fullmatch(text) is not None:
-        # plain digits (most of a book; Binance pads them to 8 decimals): without the fraction's trailing zeros
-        # the text's Decimal is canonical already, and string work is cheaper than normalize + quantize
         return Decimal(text.rstrip("0").rstrip(".")) if "." in text else d
     return canonical(d)
 
@@ -218,6 +223,7 @@ class CcxtExchange:
         # ccxt parses book levels with safe_float even with number=str; keep them exact, as Decimals
         # (ccxt only sorts them, which Decimals do correctly)
         client.parse_order_book_bid_ask = self._bid_ask
+        client.parse_order_book_bids_asks = self._bids_asks
 
     # -- construction -----------------------------------------------------------------------------------
 
@@ -288,6 +294,21 @@ class CcxtExchange:
             secrets=tuple(credentials.values()),
             profile=profile,
         )
+
+    def _bids_asks(self, bidasks: Any, price_key: Any = 0, amount_key: Any = 1, count_key: Any = 2) -> list[Any]:
+        """A book side's levels as `_bid_ask` makes them, in one loop: a level of two texts at integer keys (most
+        exchanges' `[price, amount, ...]`) is read directly, anything else through `_bid_ask` (ccxt's safe_string).
+        A 100-level book has 200 numbers: the call per level was most of reading it."""
+        out: list[Any] = []
+        direct = type(price_key) is int and type(amount_key) is int
+        for entry in self.client.to_array(bidasks):
+            if direct and type(entry) is list and len(entry) > max(price_key, amount_key):
+                price, amount = entry[price_key], entry[amount_key]
+                if type(price) is str and type(amount) is str:
+                    out.append([to_decimal(price, "book price"), to_decimal(amount, "book amount")])
+                    continue
+            out.append(self._bid_ask(entry, price_key, amount_key, count_key))
+        return out
 
     def _bid_ask(self, bidask: Any, price_key: Any = 0, amount_key: Any = 1, count_key: Any = 2) -> list[Any]:
         price = to_decimal(self.client.safe_string(bidask, price_key), "book price")
