@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -78,63 +77,3 @@ def side_by_side(jobs: Sequence[Callable[[], T]]) -> list[T]:
         if error is not None:
             raise error
     return results  # type: ignore[return-value]  # every slot was filled: no job raised
-
-
-K = TypeVar("K")
-
-
-class Gather(Generic[K, T]):
-    """Calls from threads running side by side, answered by as few calls of `batch` as they allow: the first to
-    arrive waits for the others (until `expected` have arrived, at most `wait` seconds), then asks `batch` for
-    all of them at once; a call arriving while that is on its way is served by the next batch. `batch` gets the
-    items in arrival order and returns one answer per item; an error it raises is raised in every caller it
-    was asked for.
-
-    For the last store write before each order of a group leaves (one round trip for the group, where one per
-    order cost a round trip each, side by side on a contended GIL)."""
-
-    def __init__(self, batch: Callable[[list[K]], Sequence[T]], *, expected: int, wait: float) -> None:
-        self._batch = batch
-        self._expected = expected
-        self._wait = wait
-        self._cond = threading.Condition()
-        self._arrived = 0
-        self._queued: list[tuple[int, K]] = []
-        self._answers: dict[int, tuple[T | None, BaseException | None]] = {}
-        self._busy = False  # a batch is being gathered or asked for
-        self._next = 0
-
-    def __call__(self, item: K) -> T:
-        with self._cond:
-            ticket = self._next
-            self._next += 1
-            self._arrived += 1
-            self._queued.append((ticket, item))
-            self._cond.notify_all()
-            while ticket not in self._answers and self._busy:
-                self._cond.wait()
-            if ticket not in self._answers:
-                # no batch on its way: this caller asks for everything queued, once the others had their chance
-                self._busy = True
-                deadline = time.monotonic() + self._wait
-                while self._arrived < self._expected and (left := deadline - time.monotonic()) > 0:
-                    self._cond.wait(left)
-                asked, self._queued = self._queued, []
-        if ticket not in self._answers:
-            answers: list[tuple[T | None, BaseException | None]]
-            try:
-                got = list(self._batch([i for _, i in asked]))
-                if len(got) != len(asked):
-                    raise ValueError(f"a batch of {len(asked)} got {len(got)} answers")
-                answers = [(a, None) for a in got]
-            except BaseException as exc:  # handed to every caller of this batch
-                answers = [(None, exc)] * len(asked)
-            with self._cond:
-                self._answers.update({t: a for (t, _), a in zip(asked, answers, strict=True)})
-                self._busy = False
-                self._cond.notify_all()
-        with self._cond:
-            answer, error = self._answers.pop(ticket)
-        if error is not None:
-            raise error
-        return answer  # type: ignore[return-value]  # no error: the batch answered this item

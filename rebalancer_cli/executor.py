@@ -16,13 +16,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, ROUND_UP, Decimal
 from typing import Any, Literal, cast
 
 from . import failpoints, killswitch
 from .audit.base import AuditStore, Fill, OrderIntent, OrderRecord, OrderStatus
-from .concurrency import Gather, side_by_side
+from .concurrency import side_by_side
 from .config import Config
 from .costs import DEFAULT_PRICE_BOUND, CostModel, worst_acceptable_price
 from .errors import (
@@ -66,9 +66,10 @@ def _then_failpoint(mark_sent: Callable[[], None], quiesce: Callable[[], None]) 
     return before_send
 
 
-# how long the first order of a group to reach its send waits for the others' marks, to write them in one step
-# (they reach it within a fraction of a millisecond of each other; a late one is marked on its own)
-MARK_GATHER_SECONDS = 0.002
+# A group's "leaving" marks are written before its first order leaves, stamped this far ahead: every request
+# signed until then is covered by its mark (a successor waits out the receive window from the mark's time, so a
+# mark later than the signature only makes it wait longer); one signed later is marked again on its own.
+MARK_AHEAD = timedelta(seconds=0.25)
 # an order's average price is a quotient of the exchange's rounded totals: this much past the bound is rounding
 BOUND_TOLERANCE = Decimal("1e-9")
 # a fill this many times away from its estimate cannot be a market price (checked when no bound is known)
@@ -281,8 +282,9 @@ class Executor:
         self._outcomes: list[OrderOutcome] = []
         # the ledger's sync to this run's snapshot, until it ran (`_synced`)
         self._unsynced: Callable[[], None] | None = None
-        # the "leaving" marks of the group being sent (`_send_group` makes one per group)
-        self._marks: Callable[[str], tuple[SendCheck, str, datetime]] = lambda key: self._begin_sends([key])[0]
+        # the group's "leaving" marks, written before its first order left: each order's own first send uses its
+        # mark (or raises what writing the marks raised); a resend is marked again
+        self._premarks: dict[str, tuple[SendCheck, str, datetime] | BaseException] = {}
 
     # -- the cycle ------------------------------------------------------------------------------------------
 
@@ -569,6 +571,7 @@ class Executor:
             fence=self.fence,
         )
         locked = []
+        keys: list[str] = []
         answered: list[_Booked] = []  # the group's answers, each appended by its own thread
         for (trade, outcome, intent), worst, (asset, amount), ok in zip(prepared, worsts, needs, granted, strict=True):
             if ok:
@@ -576,6 +579,7 @@ class Executor:
                 outcome.status = "locked"
                 self._emit(outcome)
                 locked.append(functools.partial(self._order, trade, outcome, intent, worst, answered))
+                keys.append(trade.idempotency_key)
                 continue
             reason = f"shadow ledger refused to lock {amount} {asset}: not available"
             self.audit.update_order(trade.idempotency_key, OrderStatus.REJECTED, at=self.clock(), reason=reason)
@@ -590,8 +594,7 @@ class Executor:
         if not locked:
             return
         failpoints.hit("after_lock", quiesce=self._quiesce)
-        # the group's "leaving" marks in as few ledger round trips as the sends' timing allows
-        self._marks = Gather(self._begin_sends, expected=len(locked), wait=MARK_GATHER_SECONDS)
+        self._premark(keys)
         try:
             with self.exchange.batch(len(locked)):
                 side_by_side(locked)
@@ -678,13 +681,13 @@ class Executor:
         key = trade.idempotency_key
 
         def mark_sent() -> None:
-            # Stamped after any rate-limit wait: recovery counts the exchange's receive window from this moment,
-            # so it must not be earlier than the request's signature (frozen before this hook runs; the group's
-            # marks are stamped when the last of them is asked for, later still). The fence, the kill switch and
-            # the lock are checked and the "leaving" mark is written in one atomic ledger step: a successor that
-            # took the lease after it finds the mark and waits out the settle window. The audit row's SENT is
-            # history only, so it is written behind.
-            check, detail, at = self._marks(key)
+            # After any rate-limit wait, the request's signature time is frozen, then this runs: recovery counts
+            # the exchange's receive window from the mark's time, so it must not be earlier than the signature
+            # (`_mark`: the group's mark, stamped ahead, or one of its own). The fence, the kill switch and the lock
+            # were checked and the "leaving" mark written in one atomic ledger step: a successor that took the
+            # lease after it finds the mark and waits out the settle window. The audit row's SENT is history
+            # only, so it is written behind.
+            check, detail, at = self._mark(key)
             if check == "halted":
                 self._halted_by = detail
                 raise SendRefusedError(f"not sent: the portfolio was halted ({detail})")
@@ -732,10 +735,29 @@ class Executor:
         if isinstance(booked, _Booked):
             group.append(booked)
 
-    def _begin_sends(self, keys: list[str]) -> list[tuple[SendCheck, str, datetime]]:
-        """`begin_send` for the keys of a group's orders about to leave, in one ledger step stamped now."""
+    def _premark(self, keys: list[str]) -> None:
+        """The fence, the kill switch and every lock of the group checked, and the orders marked as leaving, in
+        one ledger step before the first of them leaves, stamped `MARK_AHEAD` from now. What it found (or raised)
+        is each order's to act on at its send, as if it had asked on its own."""
+        at = self.clock() + MARK_AHEAD
+        try:
+            checks = self.ledger.begin_send_many(self.pid, keys, fence=self.fence, at=at)
+        except BaseException as exc:  # raised at each order's send, where a lost lease or a store error belongs
+            self._premarks = dict.fromkeys(keys, exc)
+            return
+        self._premarks = {k: (c, d, at) for k, (c, d) in zip(keys, checks, strict=True)}
+
+    def _mark(self, key: str) -> tuple[SendCheck, str, datetime]:
+        """The order's "leaving" mark, right before its request leaves (its signature's time frozen already):
+        the group's, when this is the order's first send and the mark's time is still ahead; else its own."""
+        premark = self._premarks.pop(key, None)
+        if isinstance(premark, BaseException):
+            raise premark
+        if premark is not None and self.clock() <= premark[2]:
+            return premark
         at = self.clock()
-        return [(c, d, at) for c, d in self.ledger.begin_send_many(self.pid, keys, fence=self.fence, at=at)]
+        check, detail = self.ledger.begin_send(self.pid, key, fence=self.fence, at=at)
+        return check, detail, at
 
     def _known(self, key: str, outcome: OrderOutcome) -> bool:
         """An order under this key exists already (a saved plan run twice): never send it again from here.

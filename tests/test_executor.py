@@ -818,3 +818,29 @@ def test_a_zero_price_fill_is_held_as_suspect_and_reconcile_repair_unwedges_the_
     assert order_counts(emu.stats())[sell.key]["accepted"] == 1  # the suspect order was never sent again
     assert make_plan(config)[1].trades == ()
     assert reconcile(config).consistent
+
+
+def test_an_order_signed_after_its_groups_mark_is_checked_and_marked_again_on_its_own(paper: Path) -> None:
+    """A group's "leaving" marks are written before its first order leaves, stamped ahead: an order whose request
+    is signed later than that (a thread held up) must not go on the group's mark. It asks the ledger again, and a
+    lock taken back meanwhile (a successor's recovery) stops it."""
+    config = load_config(paper)
+    migrate(paper)
+    ledger, audit, exchange = open_ledger_for(config), open_audit_for(config), open_exchange(config)
+    now = [datetime.now(UTC)]
+    executor = Executor(config, exchange, ledger, audit, clock=lambda: now[0])
+    try:
+        ledger.sync_balances(config.portfolio_id, {"USDC": D("100")})
+        for key in ("on-time", "late"):
+            assert ledger.lock(config.portfolio_id, key, "USDC", D("1"), ttl_seconds=60)
+        executor._premark(["on-time", "late"])
+        ahead = ledger.sent_at(config.portfolio_id, "late")
+        assert ahead is not None and ahead > now[0]  # marked as leaving, stamped ahead of the clock
+        assert executor._mark("on-time")[0] == "ok"  # signed before its mark's time: the group's mark holds
+        ledger.release(config.portfolio_id, "late")  # taken back while its thread was held up
+        now[0] = ahead + timedelta(milliseconds=1)
+        assert executor._mark("late")[0] == "unlocked"  # signed after the mark: checked again, and refused
+    finally:
+        exchange.close()
+        ledger.close()
+        audit.close()
