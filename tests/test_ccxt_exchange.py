@@ -678,3 +678,21 @@ def test_plan_without_store_urls_imports_neither_redis_nor_psycopg(busy: Emulato
     assert status == "exit=0", r.stderr
     assert {m.split(".")[0] for m in heavy.removeprefix("heavy=").split(",")} == {"ccxt"}  # what it uses, only
     assert [t["market"] for t in json.loads(r.stdout)["trades"]] == ["BTC/USDC", "ETH/USDC"]
+
+
+def test_ccxt_is_entered_one_exchange_at_a_time_and_whole_for_whoever_needs_it() -> None:
+    """A command imports the exchange it talks to, not ccxt's hundred; whoever else in the process uses ccxt
+    whole gets the real package (its own `__init__`, run into the same module)."""
+    code = (
+        "import sys\n"
+        "from rebalancer_cli.exchange import ccxt_module\n"
+        "binance = ccxt_module.exchange_class('binance')\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('ccxt.') and m.count('.') == 1)\n"
+        "assert loaded == ['ccxt.abstract', 'ccxt.base', 'ccxt.binance'], loaded\n"
+        "assert ccxt_module.exchange_class('nosuch') is None and ccxt_module.exchange_class('base') is None\n"
+        "import ccxt\n"
+        "assert ccxt.binance is binance and 'kraken' in ccxt.exchanges and ccxt.kraken.__name__ == 'kraken'\n"
+        "assert issubclass(ccxt.InvalidOrder, ccxt.BaseError) and ccxt_module.exchange_class('okx') is ccxt.okx\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr

@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import ccxt
-
 from ..concurrency import side_by_side
 from ..config import Config
 from ..errors import (
@@ -59,6 +57,7 @@ from ..errors import (
 from ..fsutil import atomic_write_text
 from ..planner import PlannerState, needs_book
 from ..snapshot import Level, Market, Snapshot
+from . import ccxt_module
 from .accounts import Accounts, account_id, api_url, max_cost
 from .base import FillInfo, OrderResult, Protection, Side, fees_by_currency
 from .breaker import CircuitBreaker
@@ -66,6 +65,8 @@ from .feed import MarketFeed
 from .profiles import ExchangeProfile, profile_for
 from .ratelimit import Prepaid, RateLimiter
 from .retry import RetryPolicy, call_with_retry
+
+ccxt = ccxt_module.load()  # the base, errors and constants; an exchange's module when its class is used
 
 T = TypeVar("T")
 ZERO = Decimal(0)
@@ -241,8 +242,8 @@ class CcxtExchange:
         (the daemon passes its own, shared by all its cycles; default: built for this client alone). `limiter`
         and `breaker` override them (tests)."""
         ex = config.exchange
-        klass = getattr(ccxt, ex.id, None)
-        if ex.id not in ccxt.exchanges or klass is None:
+        klass = ccxt_module.exchange_class(ex.id)
+        if klass is None:
             raise InputError(f"exchange.id {ex.id!r} is neither `paper` nor an exchange ccxt knows")
         credentials: dict[str, str] = {}
         for field, env_name in ex.credentials_env.items():
