@@ -61,6 +61,21 @@ class FakeClock:
         self.now += seconds
 
 
+def _random_requests(
+    limiter: RateLimiter, clock: FakeClock, start: float, rng: random.Random, *, idle: float = 0.0
+) -> list[tuple[float, float]]:
+    """(when, cost) of requests of random weights for 300 s of the fake clock, each sent once `limiter` grants
+    it; after a request, with probability `idle`, a quiet spell of 0.05-20 s."""
+    sent: list[tuple[float, float]] = []
+    while clock.now - start < 300:
+        cost = rng.choice([1.0, 2.0, 5.0, 10.0, 20.0])
+        limiter.acquire(cost)
+        sent.append((clock.now, cost))
+        if idle and rng.random() < idle:
+            clock.now += rng.choice([0.05, 0.49, 0.51, 3.0, 20.0])
+    return sent
+
+
 def max_in_window(grants: list[tuple[float, float]], window: float) -> float:
     """Largest total cost granted within any closed interval of `window` seconds."""
     best = total = 0.0
@@ -278,14 +293,8 @@ def test_with_a_reserve_every_minute_stays_within_the_exchange_limit() -> None:
     bucket = bucket_for_exchange(limit, clock=clock, sleep=clock.sleep, hold_seconds=hold)
     assert bucket.capacity == pytest.approx(1200 - 80 * hold)
     limiter = Prepaid(bucket, hold_seconds=hold, max_reserve=0.05 * bucket.capacity, clock=clock)
-    rng = random.Random(5)
-    sent: list[tuple[float, float]] = []
-    while clock.now - start < 300:
-        cost = rng.choice([1.0, 2.0, 5.0, 10.0, 20.0])
-        limiter.acquire(cost)
-        sent.append((clock.now, cost))
-        if rng.random() < 0.3:  # idle spells, so reserves expire unspent, and bursts after them
-            clock.now += rng.choice([0.05, 0.49, 0.51, 3.0, 20.0])
+    # idle spells, so reserves expire unspent, and bursts after them
+    sent = _random_requests(limiter, clock, start, random.Random(5), idle=0.3)
     assert max_in_window(sent, 60.0) <= limit + 1e-6
 
 
@@ -340,12 +349,7 @@ def test_binance_bucket_keeps_every_minute_within_the_exchange_limit_and_runs_at
     start = clock.now
     bucket = bucket_for_exchange(BINANCE_SPOT_WEIGHT_PER_MINUTE, clock=clock, sleep=clock.sleep)
     assert isinstance(bucket, RateLimiter)
-    rng = random.Random(3)
-    grants: list[tuple[float, float]] = []
-    while clock.now - start < 300:
-        cost = rng.choice([1.0, 2.0, 5.0, 10.0, 20.0])
-        bucket.acquire(cost)
-        grants.append((clock.now, cost))
+    grants = _random_requests(bucket, clock, start, random.Random(3))
     assert max_in_window(grants, 60.0) <= 6000 + 1e-6
     minutes = (grants[-1][0] - start) / 60
     # The burst (1200) plus 4800 a minute: all of the 80 % budget is used, none beyond it.

@@ -448,6 +448,15 @@ def limit_per_minute_from_ccxt(rate_limit_ms: float) -> float:
     return 60_000.0 / rate_limit_ms
 
 
+def _refill_per_second(limit_per_minute: float, fraction: float) -> float:
+    """The steady rate a bucket at `fraction` of an exchange's per-minute limit refills at (the arguments checked)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be strictly between 0 and 1, not {fraction!r}")
+    if not (limit_per_minute > 0 and math.isfinite(limit_per_minute)):
+        raise ValueError(f"limit_per_minute must be a positive finite number, not {limit_per_minute!r}")
+    return limit_per_minute * fraction / 60.0
+
+
 def bucket_for_exchange(
     limit_per_minute: float,
     fraction: float = 0.8,
@@ -471,11 +480,7 @@ def bucket_for_exchange(
     limit is too small for that, else such a request could never be granted. With a Redis `client` (and
     `key`, see `rate_limit_key`) the bucket is shared by every process using that key.
     """
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must be strictly between 0 and 1, not {fraction!r}")
-    if not (limit_per_minute > 0 and math.isfinite(limit_per_minute)):
-        raise ValueError(f"limit_per_minute must be a positive finite number, not {limit_per_minute!r}")
-    refill = limit_per_minute * fraction / 60.0
+    refill = _refill_per_second(limit_per_minute, fraction)
     capacity = max(limit_per_minute * (1.0 - fraction) - refill * max(0.0, hold_seconds), max_cost)
     if client is None:
         return LocalTokenBucket(capacity, refill, clock, sleep, max_wait=max_wait)
@@ -501,8 +506,7 @@ def account_limiter(
     """An account's limiter: its bucket (`bucket_for_exchange`) behind `Prepaid`. A shared bucket gets a reserve
     (a round trip saved per request while a process keeps sending), its burst made smaller to pay for it; the
     hold is shortened where the limit is too small to spare that (never below the heaviest request)."""
-    bucket_for_exchange(limit_per_minute, fraction, max_cost=max_cost)  # the arguments' checks, before any use
-    refill = limit_per_minute * fraction / 60.0
+    refill = _refill_per_second(limit_per_minute, fraction)
     spare = limit_per_minute * (1.0 - fraction) - max_cost
     hold = min(RESERVE_HOLD_SECONDS, max(0.0, spare / refill)) if client is not None else 0.0
     bucket = bucket_for_exchange(
